@@ -1,0 +1,1 @@
+"""fastvae: fused Triton kernels for variational autoencoders."""
