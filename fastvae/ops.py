@@ -203,38 +203,36 @@ def _(grad, dlogits, dmu, dlogvar) -> None:
 
 
 def _fused_loss_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*output[3:])
+    ctx.mark_non_differentiable(*output[1:])  # only the loss carries a gradient
+    # The gradient buffers are kept as plain attributes, not saved tensors: the backward scales them
+    # in place, which a saved tensor's version check would refuse.  The inputs (references, as
+    # BCE-with-logits itself keeps) serve a rare second backward through the same graph.
+    ctx.grads = output[3:]
+    ctx.save_for_backward(*inputs[:4])
+    ctx.options = inputs[4:7]
     ctx.has_logits, ctx.has_kl = inputs[0] is not None, inputs[2] is not None
     ctx.consumed = False
 
 
 def _fused_loss_grad(ctx, grad_loss: Tensor, *unused):
-    # The forward stored d(loss)/d(inputs) for an incoming gradient of 1; the chain rule only
-    # multiplies by the real one.  Eagerly this is done in place on buffers nobody else holds, so a
-    # second backward through the same graph would scale them twice: refuse it.
-    if ctx.consumed:
-        raise RuntimeError(
-            "backward through the same fastvae loss twice (retain_graph=True) is not supported: its gradient "
-            "buffers were already handed to autograd; compute the loss again instead"
-        )
-    dlogits, dmu, dlogvar = ctx.saved_tensors
-    if torch.compiler.is_compiling():
-        # Traced graphs must not mutate saved tensors; the compiler fuses these multiplies.
+    # The forward stored d(loss)/d(inputs) for an incoming gradient of 1: the chain rule only multiplies
+    # by the real one.  The first eager backward does it in place on buffers nobody else holds (no
+    # bytes move when the gradient is 1).  Traced graphs must not mutate saved forward outputs, and a
+    # second backward (retain_graph=True, gradcheck) finds the buffers already handed out, so those
+    # multiply out of place, the latter after recomputing the gradients from the saved inputs.
+    dlogits, dmu, dlogvar = ctx.grads
+    inputs = ctx.saved_tensors
+    traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
+    if ctx.consumed and not traced:
+        dlogits, dmu, dlogvar = _fused_loss_op(*inputs, *ctx.options, True)[3:]
+    if traced or ctx.consumed:
         g = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
         dlogits, dmu, dlogvar = ((t * g).to(t.dtype) if t.numel() else t for t in (dlogits, dmu, dlogvar))
     else:
         ctx.consumed = True
         _scale_grads_op(grad_loss.detach(), dlogits, dmu, dlogvar)
-    return (
-        dlogits if ctx.has_logits else None,
-        None,
-        dmu if ctx.has_kl else None,
-        dlogvar if ctx.has_kl else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    kl = ctx.has_kl
+    return (dlogits if ctx.has_logits else None, None, dmu if kl else None, dlogvar if kl else None) + (None,) * 4
 
 
 _fused_loss_op.register_autograd(_fused_loss_grad, setup_context=_fused_loss_setup)
@@ -296,18 +294,27 @@ def _check_pair(logits: Tensor, target: Tensor) -> None:
         raise ValueError("target must not require grad: fastvae's losses treat the target as data")
 
 
+_RANGE_HINT = (
+    "Data standardised with a mean and std (e.g. transforms.Normalize((0.1307,), (0.3081,))) gives "
+    "silently negative losses; scale images to [0, 1] instead (x / 255), pass uint8 pixels, "
+    "or use recon='mse' for unbounded data"
+)
+
+
 def _check_target_range(target: Tensor) -> None:
     """Targets of a Bernoulli likelihood are probabilities: refuse values outside [0, 1] (and NaN)."""
     if target.dtype == torch.uint8:
         return
     lo, hi = torch.aminmax(target.detach())
+    if torch.compiler.is_compiling():
+        # No host-side branch on data in a traced graph: a runtime assert (a RuntimeError) instead.
+        torch._assert_async((lo >= 0) & (hi <= 1), f"target must lie in [0, 1] for the BCE loss. {_RANGE_HINT}")
+        return
     lo, hi = float(lo), float(hi)
     if not (0.0 <= lo and hi <= 1.0):  # also False for NaN
         raise ValueError(
             f"target must lie in [0, 1] for the BCE reconstruction loss, got values in [{lo:.4g}, {hi:.4g}]. "
-            "Data standardised with a mean and std (e.g. transforms.Normalize((0.1307,), (0.3081,))) gives "
-            "silently negative losses; scale images to [0, 1] instead (x / 255), pass uint8 pixels, "
-            "or use recon='mse' for unbounded data"
+            + _RANGE_HINT
         )
 
 

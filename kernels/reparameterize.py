@@ -30,6 +30,7 @@ def reparameterize_kernel(
     seed,
     n_elements,
     BACKWARD: tl.constexpr,
+    COMPUTE: tl.constexpr,  # float32, or float64 for float64 inputs
     BLOCK: tl.constexpr,
 ):
     # int64 offsets: the counter of the RNG and the address, correct past 2**31 elements.
@@ -37,13 +38,13 @@ def reparameterize_kernel(
     mask = offsets < n_elements
     a = tl.load(mu_ptr + offsets, mask=mask, other=0.0)
     logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0)
-    std = tl.exp(0.5 * logvar.to(tl.float32))
-    eps = tl.randn(seed, offsets)
+    std = tl.exp(0.5 * logvar.to(COMPUTE))
+    eps = tl.randn(seed, offsets).to(COMPUTE)
     if BACKWARD:
         # dz/dlogvar = 0.5 * std * eps
-        out = 0.5 * a.to(tl.float32) * std * eps
+        out = 0.5 * a.to(COMPUTE) * std * eps
     else:
-        out = a.to(tl.float32) + std * eps
+        out = a.to(COMPUTE) + std * eps
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -51,7 +52,10 @@ def _launch(a: torch.Tensor, logvar: torch.Tensor, seed: int, backward: bool) ->
     out = torch.empty_like(a, memory_format=torch.contiguous_format)
     n = a.numel()
     grid = (triton.cdiv(n, BLOCK),)
-    reparameterize_kernel[grid](a, logvar, out, seed, n, BACKWARD=backward, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    compute = tl.float64 if a.dtype == torch.float64 else tl.float32
+    reparameterize_kernel[grid](
+        a, logvar, out, seed, n, BACKWARD=backward, COMPUTE=compute, BLOCK=BLOCK, num_warps=NUM_WARPS
+    )
     return out
 
 

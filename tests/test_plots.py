@@ -1,0 +1,121 @@
+"""Tests for fastvae.plots: every figure is written as a non-empty PNG, the model's mode is restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastvae.data import load_mnist
+from fastvae.models import MLPVAE, ConvVAE
+from fastvae.plots import (
+    FILENAMES,
+    plot_latent,
+    plot_loss,
+    plot_manifold,
+    plot_reconstructions,
+    plot_samples,
+    save_all,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+HISTORY = [
+    {"epoch": 1, "train_loss": 210.0, "val_loss": 190.0},
+    {"epoch": 2, "train_loss": 170.0, "val_loss": 165.0},
+    {"epoch": 3, "train_loss": 160.0},  # no held-out value this epoch
+]
+
+
+def assert_png(path) -> None:
+    raw = path.read_bytes()
+    assert raw[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert len(raw) > 1000, f"{path} is suspiciously small ({len(raw)} bytes)"
+
+
+@pytest.fixture(scope="module")
+def mnist_val():
+    x, y = load_mnist("test")
+    return x[:300], y[:300]
+
+
+@pytest.mark.parametrize(
+    "model_fn,latent",
+    [(lambda: ConvVAE(latent=2, hidden=(8, 16, 16)), 2), (lambda: MLPVAE(hidden=(64,), latent=20), 20)],
+    ids=["conv-latent2", "mlp-latent20"],
+)
+def test_save_all_writes_pngs(tmp_path, mnist_val, model_fn, latent):
+    torch.manual_seed(0)
+    model = model_fn()
+    model.train()
+    x, y = mnist_val
+    paths = save_all(model, tmp_path / "figs", val_images=x, val_labels=y, history=HISTORY)
+    names = [p.name for p in paths]
+    expected = ["reconstructions", "samples", "latent"] + (["manifold"] if latent == 2 else []) + ["loss"]
+    assert names == [FILENAMES[k] for k in expected]
+    for p in paths:
+        assert p.parent == tmp_path / "figs"
+        assert_png(p)
+    assert not (tmp_path / "figs" / "manifold.png").exists() or latent == 2
+    assert model.training, "save_all must restore the training mode"
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_eval_mode_is_restored(tmp_path, mnist_val):
+    model = MLPVAE(hidden=(32,), latent=2).eval()
+    x, y = mnist_val
+    plot_reconstructions(model, x, tmp_path / "r.png", n=20)
+    plot_samples(model, tmp_path / "s.png", n=10, generator=torch.Generator().manual_seed(0))
+    plot_latent(model, x, y, tmp_path / "l.png")
+    assert plot_manifold(model, tmp_path / "m.png", n=5, span=2.0) == tmp_path / "m.png"
+    assert not model.training
+    for name in ("r", "s", "l", "m"):
+        assert_png(tmp_path / f"{name}.png")
+
+
+def test_manifold_skipped_unless_latent_is_2(tmp_path):
+    model = MLPVAE(hidden=(32,), latent=3)
+    assert plot_manifold(model, tmp_path / "m.png") is None
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_latent_plot_variants(tmp_path, mnist_val):
+    x, y = mnist_val
+    for latent in (1, 2, 5):
+        model = MLPVAE(hidden=(32,), latent=latent)
+        assert_png(plot_latent(model, x, y, tmp_path / f"with-{latent}.png"))
+        assert_png(plot_latent(model, x, None, tmp_path / f"without-{latent}.png"))
+    continuous = torch.rand(x.shape[0])  # non-integer "labels" get a continuous colour bar
+    assert_png(plot_latent(MLPVAE(hidden=(32,), latent=2), x, continuous, tmp_path / "cont.png"))
+    with pytest.raises(ValueError, match="labels has 3 entries"):
+        plot_latent(MLPVAE(hidden=(32,), latent=2), x, y[:3], tmp_path / "bad.png")
+
+
+def test_flat_and_rgb_data(tmp_path):
+    flat = MLPVAE(in_shape=(10,), hidden=(16,), latent=2)
+    x = torch.rand(50, 10)
+    paths = save_all(flat, tmp_path / "flat", val_images=x, history=None)
+    assert [p.name for p in paths] == ["reconstructions.png", "samples.png", "latent.png"]
+    for p in paths:
+        assert_png(p)
+    square = MLPVAE(in_shape=(784,), hidden=(16,), latent=2)  # flattened MNIST is shown as 28x28
+    paths = save_all(square, tmp_path / "square", val_images=torch.rand(20, 784))
+    assert "manifold.png" in [p.name for p in paths]
+    rgb = ConvVAE(in_shape=(3, 32, 32), latent=2, hidden=(4, 8, 8))
+    paths = save_all(rgb, tmp_path / "rgb", val_images=torch.rand(20, 3, 32, 32), history=HISTORY)
+    assert len(paths) == 5
+    for p in paths:
+        assert_png(p)
+
+
+def test_plot_loss_edge_cases(tmp_path):
+    assert_png(plot_loss([], tmp_path / "empty.png"))
+    assert_png(plot_loss([{"train_loss": 3.0}, {"train_loss": 2.0}], tmp_path / "noval.png"))
+    nan_val = [{"epoch": 1, "train_loss": 1.0, "val_loss": float("nan")}, {"epoch": 2, "train_loss": 0.5}]
+    assert_png(plot_loss(nan_val, tmp_path / "nan.png"))
+
+
+def test_argument_errors(tmp_path):
+    model = MLPVAE(hidden=(16,), latent=2)
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        plot_samples(model, tmp_path / "s.png", n=0)
+    with pytest.raises(ValueError, match="at least one image"):
+        plot_reconstructions(model, torch.zeros(0, 1, 28, 28), tmp_path / "r.png")
