@@ -215,13 +215,15 @@ def plot_samples(
     return _save(fig, path)
 
 
-def _principal_components(mu: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """Project ``[N, D]`` onto its first two principal components (SVD of the centred data).
+def _pca_plane(mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """The plane of the first two principal components of ``[N, D]`` latent means (SVD, centred).
 
-    Signs are fixed (largest loading of each component positive) so the figure is deterministic.
-    Returns the ``[N, 2]`` projection and the axis labels with the explained variance.
+    Signs are fixed (largest loading of each component positive) so the figures are deterministic.
+    Returns the centre ``[D]``, the components ``[2, D]`` (unit rows), the standard deviation of the
+    means along each ``[2]`` and the axis labels with the explained variance.
     """
-    centred = mu.double() - mu.double().mean(0, keepdim=True)
+    centre = mu.double().mean(0)
+    centred = mu.double() - centre
     _, s, vh = torch.linalg.svd(centred, full_matrices=False)
     comps = vh[:2]
     signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
@@ -229,7 +231,14 @@ def _principal_components(mu: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     var = s**2
     share = (var[:2] / var.sum().clamp_min(1e-300)).tolist()
     labels = [f"PC{i + 1} of the latent means ({100 * share[i]:.0f}% of variance)" for i in range(2)]
-    return (centred @ comps.T).float(), labels
+    std = (var[:2] / max(mu.shape[0] - 1, 1)).sqrt()
+    return centre, comps, std, labels
+
+
+def _principal_components(mu: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """Project ``[N, D]`` onto its first two principal components; returns ``[N, 2]`` and axis labels."""
+    centre, comps, _, labels = _pca_plane(mu)
+    return ((mu.double() - centre) @ comps.T).float(), labels
 
 
 def plot_latent(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, path: PathLike) -> Path:
@@ -288,25 +297,40 @@ def plot_latent(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | N
     return _save(fig, path)
 
 
-def plot_manifold(model: nn.Module, path: PathLike, n: int = 20, span: float = 3.0) -> Path | None:
-    """Save the decoded ``n x n`` grid over ``[-span, span]^2`` of a 2-D latent plane.
+def plot_manifold(
+    model: nn.Module,
+    path: PathLike,
+    n: int = 20,
+    span: float = 3.0,
+    images: torch.Tensor | None = None,
+) -> Path | None:
+    """Save the decoded ``n x n`` grid over a 2-D latent plane.
 
-    Cell ``(row i, column j)`` shows ``sigmoid(decode([x_j, y_i]))`` with ``x`` increasing to the
-    right and ``y`` increasing upwards, like the latent scatter plot.  Only for ``latent == 2``
-    and displayable outputs: otherwise nothing is written and ``None`` is returned.
+    ``latent == 2``: the plane itself, ``[-span, span]^2`` in prior units.  ``latent > 2`` (needs
+    ``images``): the plane of the first two principal components of the images' latent means,
+    through their centre, ``span`` standard deviations of the means each way.  Cell ``(row i,
+    column j)`` shows ``sigmoid(decode(z_ij))`` with the first axis increasing to the right and the
+    second upwards, like the latent scatter plot.  Returns ``None`` (writes nothing) for a latent of
+    1, for ``latent > 2`` without images, and for outputs that are not images.
     """
-    if model.latent != 2:
-        return None
     shape = _display_shape(model.in_shape)
-    if shape is None:
+    if shape is None or model.latent < 2 or (model.latent > 2 and images is None):
         return None
     if n < 1:
         raise ValueError(f"n must be a positive integer, got {n}")
     if not span > 0:
         raise ValueError(f"span must be positive, got {span}")
-    ticks = torch.linspace(-span, span, n)
+    ticks = torch.linspace(-span, span, n, dtype=torch.float64)
     ys, xs = torch.meshgrid(ticks.flip(0), ticks, indexing="ij")
-    z = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
+    plane = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)  # [n*n, 2]
+    if model.latent == 2:
+        z, labels = plane, ["z[0]", "z[1]"]
+        title = f"decoded latent plane, {n}x{n} grid over [-{span:g}, {span:g}]^2"
+    else:
+        with _evaluating(model):
+            centre, comps, std, labels = _pca_plane(_encode_means(model, images))
+        z = centre + (plane * std) @ comps
+        title = f"decoded plane of the first two principal components (latent={model.latent}), +-{span:g} std"
     param = next(model.parameters())
     with _evaluating(model):
         decoded = _to_unit(torch.sigmoid(model.decode(z.to(device=param.device, dtype=param.dtype))))
@@ -315,9 +339,9 @@ def plot_manifold(model: nn.Module, path: PathLike, n: int = 20, span: float = 3
     ax = fig.subplots()
     cmap = "gray" if grid.ndim == 2 else None
     ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, extent=(-span, span, -span, span), interpolation="nearest")
-    ax.set_xlabel("z[0]")
-    ax.set_ylabel("z[1]")
-    ax.set_title(f"decoded latent plane, {n}x{n} grid over [-{span:g}, {span:g}]^2", fontsize=10)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -367,8 +391,9 @@ def save_all(
     """Write every figure to ``out_dir`` and return the paths written, in this order:
 
     ``reconstructions.png`` (first ``n_reconstructions`` held-out images), ``samples.png``,
-    ``latent.png`` (held-out means coloured by ``val_labels``), ``manifold.png`` (only when
-    ``latent == 2`` and the output is displayable) and ``loss.png`` (only when ``history`` is
+    ``latent.png`` (held-out means coloured by ``val_labels``), ``manifold.png`` (the latent
+    plane, or for ``latent > 2`` the plane of the means' first two principal components; not for a
+    latent of 1 or non-image data) and ``loss.png`` (only when ``history`` is
     given).
     """
     out = Path(out_dir)
@@ -378,7 +403,7 @@ def save_all(
         plot_samples(model, out / FILENAMES["samples"], n=n_samples, generator=generator),
         plot_latent(model, val_images, val_labels, out / FILENAMES["latent"]),
     ]
-    manifold = plot_manifold(model, out / FILENAMES["manifold"])
+    manifold = plot_manifold(model, out / FILENAMES["manifold"], images=val_images)
     if manifold is not None:
         paths.append(manifold)
     if history is not None:

@@ -49,12 +49,11 @@ def test_save_all_writes_pngs(tmp_path, mnist_val, model_fn, latent):
     x, y = mnist_val
     paths = save_all(model, tmp_path / "figs", val_images=x, val_labels=y, history=HISTORY)
     names = [p.name for p in paths]
-    expected = ["reconstructions", "samples", "latent"] + (["manifold"] if latent == 2 else []) + ["loss"]
+    expected = ["reconstructions", "samples", "latent", "manifold", "loss"]
     assert names == [FILENAMES[k] for k in expected]
     for p in paths:
         assert p.parent == tmp_path / "figs"
         assert_png(p)
-    assert not (tmp_path / "figs" / "manifold.png").exists() or latent == 2
     assert model.training, "save_all must restore the training mode"
     assert all(p.grad is None for p in model.parameters())
 
@@ -71,10 +70,14 @@ def test_eval_mode_is_restored(tmp_path, mnist_val):
         assert_png(tmp_path / f"{name}.png")
 
 
-def test_manifold_skipped_unless_latent_is_2(tmp_path):
+def test_manifold_needs_a_plane(tmp_path, mnist_val):
+    """latent > 2 decodes the principal plane of the images' means; without images or with latent 1, nothing."""
     model = MLPVAE(hidden=(32,), latent=3)
     assert plot_manifold(model, tmp_path / "m.png") is None
     assert not (tmp_path / "m.png").exists()
+    assert plot_manifold(MLPVAE(hidden=(32,), latent=1), tmp_path / "m.png", images=mnist_val[0]) is None
+    assert plot_manifold(model, tmp_path / "m.png", n=4, images=mnist_val[0]) == tmp_path / "m.png"
+    assert_png(tmp_path / "m.png")
 
 
 def test_latent_plot_variants(tmp_path, mnist_val):
