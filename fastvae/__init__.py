@@ -21,8 +21,25 @@ from fastvae.ops import (
 
 __version__ = "0.1.0"
 
+# The training API pulls in tqdm and matplotlib: imported on first use, not with the ops.
+_LAZY_MODULES = ("data", "models", "trainer", "checkpoint", "plots")
+_LAZY_NAMES = {"Trainer": "trainer", "TrainingDivergedError": "trainer"}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"fastvae.{name}")
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f"fastvae.{_LAZY_NAMES[name]}"), name)
+    raise AttributeError(f"module 'fastvae' has no attribute {name!r}")
+
+
 __all__ = [
     "BACKENDS",
+    "Trainer",
+    "TrainingDivergedError",
     "VAELossTerms",
     "__version__",
     "backend_for",
