@@ -204,6 +204,7 @@ def _(grad, dlogits, dmu, dlogvar) -> None:
 
 def _fused_loss_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*output[1:])  # only the loss carries a gradient
+    ctx.set_materialize_grads(False)  # no zero-filled [B, F] gradients for the unused outputs
     # The gradient buffers are kept as plain attributes, not saved tensors: the backward scales them
     # in place, which a saved tensor's version check would refuse.  The inputs (references, as
     # BCE-with-logits itself keeps) serve a rare second backward through the same graph.
@@ -220,6 +221,8 @@ def _fused_loss_grad(ctx, grad_loss: Tensor, *unused):
     # bytes move when the gradient is 1).  Traced graphs must not mutate saved forward outputs, and a
     # second backward (retain_graph=True, gradcheck) finds the buffers already handed out, so those
     # multiply out of place, the latter after recomputing the gradients from the saved inputs.
+    if grad_loss is None:
+        return (None,) * 8
     dlogits, dmu, dlogvar = ctx.grads
     inputs = ctx.saved_tensors
     traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
@@ -230,9 +233,11 @@ def _fused_loss_grad(ctx, grad_loss: Tensor, *unused):
         dlogits, dmu, dlogvar = ((t * g).to(t.dtype) if t.numel() else t for t in (dlogits, dmu, dlogvar))
     else:
         ctx.consumed = True
-        _scale_grads_op(grad_loss.detach(), dlogits, dmu, dlogvar)
-    kl = ctx.has_kl
-    return (dlogits if ctx.has_logits else None, None, dmu if kl else None, dlogvar if kl else None) + (None,) * 4
+        # On CPU reading the gradient is free: skip even the dispatch in the common case of 1.
+        if not (grad_loss.device.type == "cpu" and grad_loss.dim() == 0 and grad_loss.item() == 1.0):
+            _scale_grads_op(grad_loss.detach(), dlogits, dmu, dlogvar)
+    grads = (dlogits if ctx.has_logits else None, None) + ((dmu, dlogvar) if ctx.has_kl else (None, None))
+    return grads + (None,) * 4
 
 
 _fused_loss_op.register_autograd(_fused_loss_grad, setup_context=_fused_loss_setup)
@@ -283,7 +288,8 @@ def _check_pair(logits: Tensor, target: Tensor) -> None:
     _check_tensor(target, "target", allow_uint8=True)
     if target.shape[0] != logits.shape[0]:
         raise ValueError(
-            f"target has batch size {target.shape[0]} but logits has {logits.shape[0]}; expected the same batch"
+            f"target has batch size {target.shape[0]} but logits has {logits.shape[0]}; "
+            "expected the same batch"
         )
     if target.numel() != logits.numel():
         raise ValueError(
@@ -308,7 +314,8 @@ def _check_target_range(target: Tensor) -> None:
     lo, hi = torch.aminmax(target.detach())
     if torch.compiler.is_compiling():
         # No host-side branch on data in a traced graph: a runtime assert (a RuntimeError) instead.
-        torch._assert_async((lo >= 0) & (hi <= 1), f"target must lie in [0, 1] for the BCE loss. {_RANGE_HINT}")
+        message = f"target must lie in [0, 1] for the BCE loss. {_RANGE_HINT}"
+        torch._assert_async((lo >= 0) & (hi <= 1), message)
         return
     lo, hi = float(lo), float(hi)
     if not (0.0 <= lo and hi <= 1.0):  # also False for NaN

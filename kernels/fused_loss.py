@@ -204,7 +204,7 @@ def scale_rows_kernel(
 
 
 def block_sizes(batch: int, features: int, latent: int) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_F, BLOCK_D, num_warps): a TILE-element tile, several rows a program when rows are short."""
+    """(BLOCK_B, BLOCK_F, BLOCK_D, num_warps): a TILE-element tile; several rows a program for short rows."""
     block_f = min(triton.next_power_of_2(max(features, 1)), TILE)
     block_d = min(triton.next_power_of_2(max(latent, 1)), TILE)
     block_b = max(1, min(TILE // max(block_f, block_d), triton.next_power_of_2(batch)))
@@ -289,7 +289,7 @@ def fused_loss(
 
 
 def scale_rows_(grad: torch.Tensor, dlogits: torch.Tensor, dmu: torch.Tensor, dlogvar: torch.Tensor) -> None:
-    """Multiply the saved gradients in place by the incoming gradient (scalar, or [B] for reduction "none")."""
+    """Multiply the saved gradients in place by the incoming gradient (a scalar, or [B] for "none")."""
     B = max(dlogits.shape[0] if dlogits.numel() else 0, dmu.shape[0] if dmu.numel() else 0)
     F = dlogits.shape[1] if dlogits.numel() else 0
     D = dmu.shape[1] if dmu.numel() else 0

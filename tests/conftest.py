@@ -44,7 +44,11 @@ def poison(monkeypatch):
 
     def fill(t):
         if isinstance(t, torch.Tensor):
-            return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(0xAB if t.dtype == torch.uint8 else 7)
+            return (
+                t.fill_(float("nan"))
+                if t.is_floating_point()
+                else t.fill_(0xAB if t.dtype == torch.uint8 else 7)
+            )
         t[...] = np.nan if np.issubdtype(t.dtype, np.floating) else 7
         return t
 

@@ -1,4 +1,4 @@
-"""Static GPU check without a GPU: every Triton kernel compiles for sm_90 without spills, with 128-bit loads."""
+"""Static GPU check without a GPU: every Triton kernel compiles for sm_90, spill-free, with 128-bit loads."""
 
 from __future__ import annotations
 

@@ -63,5 +63,5 @@ def test_examples_vae_same_loss_and_gradients(backend):
     loss_fast.backward()
 
     assert rel_err(loss_fast, loss_orig.detach().double().cpu().numpy()) < 1e-5
-    for p, g in zip(model.parameters(), grads_orig):
+    for p, g in zip(model.parameters(), grads_orig, strict=True):
         assert rel_err(p.grad, g.double().cpu().numpy()) < 1e-4

@@ -51,10 +51,17 @@ def check_vae_loss(logits, target, mu, logvar, *, beta=1.0, reduction="sum", rec
     args = [to_np(t) for t in (logits, target, mu, logvar)]
     g = 1.0 if grad is None else to_np(grad)
     want = ref.vae_loss(*args, beta=beta, reduction=reduction, recon=recon)
-    want_gx, want_gm, want_gl = ref.vae_loss_backward(*args, beta=beta, reduction=reduction, recon=recon, grad=g)
+    want_gx, want_gm, want_gl = ref.vae_loss_backward(
+        *args, beta=beta, reduction=reduction, recon=recon, grad=g
+    )
     assert loss.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
     assert gx.dtype == logits.dtype and gx.shape == logits.shape
-    for name, got, exp in [("loss", loss, want), ("dlogits", gx, want_gx), ("dmu", gm, want_gm), ("dlogvar", gl, want_gl)]:
+    for name, got, exp in [
+        ("loss", loss, want),
+        ("dlogits", gx, want_gx),
+        ("dmu", gm, want_gm),
+        ("dlogvar", gl, want_gl),
+    ]:
         err = rel_err(got, exp)
         assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
 
@@ -166,7 +173,7 @@ def test_deterministic_bit_identical(backend):
     first = run_vae_loss(*inputs)
     second = run_vae_loss(*inputs)
     assert torch.equal(first[0], second[0])
-    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1], strict=True))
 
 
 def test_evaluation_skips_gradients(backend):
@@ -187,7 +194,7 @@ def test_backends_agree():
     base = results.pop("torch")
     for name, (loss, grads) in results.items():
         assert rel_err(loss, to_np(base[0])) < 1e-6, name
-        for g, b in zip(grads, base[1]):
+        for g, b in zip(grads, base[1], strict=True):
             assert rel_err(g, to_np(b)) < 1e-6, name
 
 
@@ -208,14 +215,22 @@ def test_backward_twice_through_the_same_loss(backend):
 def test_reference_matches_torch_autograd_float64():
     """The reference's hand-written derivatives agree with autograd on its own formulas."""
     g = torch.Generator().manual_seed(3)
-    x, t = torch.randn(6, 11, generator=g, dtype=torch.float64) * 4, torch.rand(6, 11, generator=g, dtype=torch.float64)
-    mu, lv = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
-    xs, mus, lvs = (a.clone().requires_grad_() for a in (x, mu, lv))
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(xs, t, reduction="sum") - 0.5 * 0.4 * torch.sum(
-        1 + lvs - mus**2 - lvs.exp()
+    x, t = (
+        torch.randn(6, 11, generator=g, dtype=torch.float64) * 4,
+        torch.rand(6, 11, generator=g, dtype=torch.float64),
     )
+    mu, lv = (
+        torch.randn(6, 3, generator=g, dtype=torch.float64),
+        torch.randn(6, 3, generator=g, dtype=torch.float64),
+    )
+    xs, mus, lvs = (a.clone().requires_grad_() for a in (x, mu, lv))
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        xs, t, reduction="sum"
+    ) - 0.5 * 0.4 * torch.sum(1 + lvs - mus**2 - lvs.exp())
     loss.backward()
-    assert np.isclose(ref.vae_loss(x.numpy(), t.numpy(), mu.numpy(), lv.numpy(), beta=0.4), loss.item(), rtol=1e-12)
+    assert np.isclose(
+        ref.vae_loss(x.numpy(), t.numpy(), mu.numpy(), lv.numpy(), beta=0.4), loss.item(), rtol=1e-12
+    )
     want = ref.vae_loss_backward(x.numpy(), t.numpy(), mu.numpy(), lv.numpy(), beta=0.4)
-    for got, exp in zip((xs.grad, mus.grad, lvs.grad), want):
+    for got, exp in zip((xs.grad, mus.grad, lvs.grad), want, strict=True):
         np.testing.assert_allclose(got.numpy(), exp, rtol=1e-12, atol=1e-14)

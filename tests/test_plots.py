@@ -71,7 +71,7 @@ def test_eval_mode_is_restored(tmp_path, mnist_val):
 
 
 def test_manifold_needs_a_plane(tmp_path, mnist_val):
-    """latent > 2 decodes the principal plane of the images' means; without images or with latent 1, nothing."""
+    """latent > 2 decodes the principal plane of the images' means; latent 1 or no images: nothing."""
     model = MLPVAE(hidden=(32,), latent=3)
     assert plot_manifold(model, tmp_path / "m.png") is None
     assert not (tmp_path / "m.png").exists()

@@ -24,17 +24,26 @@ def _loss_args(B=6, F=10, D=3, *, dtype=torch.float32, grad=True):
 def test_opcheck_fused_loss(backend, reduction, recon):
     x, t, mu, lv = _loss_args()
     torch.library.opcheck(_fused_loss_op, (x, t, mu, lv, 0.5, reduction, recon, True))
-    torch.library.opcheck(_fused_loss_op, (x.detach(), t, mu.detach(), lv.detach(), 0.5, reduction, recon, False))
+    torch.library.opcheck(
+        _fused_loss_op, (x.detach(), t, mu.detach(), lv.detach(), 0.5, reduction, recon, False)
+    )
     torch.library.opcheck(_fused_loss_op, (x, t, None, None, 1.0, reduction, recon, True))
     torch.library.opcheck(_fused_loss_op, (None, None, mu, lv, 1.0, reduction, "none", True))
 
 
 def test_opcheck_reparameterize_and_scale(backend):
-    mu, lv = torch.randn(5, 4, device=DEVICE, requires_grad=True), torch.randn(5, 4, device=DEVICE, requires_grad=True)
+    mu, lv = (
+        torch.randn(5, 4, device=DEVICE, requires_grad=True),
+        torch.randn(5, 4, device=DEVICE, requires_grad=True),
+    )
     seed = torch.tensor(42)
     torch.library.opcheck(_reparameterize_op, (mu, lv, seed))
     torch.library.opcheck(_reparameterize_backward_op, (torch.randn(5, 4, device=DEVICE), lv.detach(), seed))
-    bufs = [torch.randn(5, 7, device=DEVICE), torch.randn(5, 4, device=DEVICE), torch.randn(5, 4, device=DEVICE)]
+    bufs = [
+        torch.randn(5, 7, device=DEVICE),
+        torch.randn(5, 4, device=DEVICE),
+        torch.randn(5, 4, device=DEVICE),
+    ]
     torch.library.opcheck(_scale_grads_op, (torch.tensor(3.0, device=DEVICE), *bufs))
     torch.library.opcheck(_scale_grads_op, (torch.rand(5, device=DEVICE), *bufs))
 
@@ -84,7 +93,7 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(loss_fn, fullgraph=True)(x)
     compiled.backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    for p, g in zip(model.parameters(), eager_grads):
+    for p, g in zip(model.parameters(), eager_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
     # seed=None inside a compiled graph: the seed is drawn as a traced tensor, no graph break
     torch.compile(lambda x: model(x)[0].sum(), fullgraph=True)(x)

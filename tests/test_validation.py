@@ -45,19 +45,26 @@ def test_range_check_can_be_switched_off_and_mse_takes_any_target():
     [
         (lambda a: {**a, "target": a["target"][:3]}, "target has batch size 3 but logits has 4"),
         (lambda a: {**a, "target": a["target"][:, :9]}, "target has 9 features per sample"),
-        (lambda a: {**a, "mu": a["mu"][:3], "logvar": a["logvar"][:3]}, "mu has batch size 3 but logits has 4"),
+        (
+            lambda a: {**a, "mu": a["mu"][:3], "logvar": a["logvar"][:3]},
+            "mu has batch size 3 but logits has 4",
+        ),
         (lambda a: {**a, "logvar": a["logvar"][:, :2]}, "mu and logvar must have the same shape"),
         (lambda a: {**a, "logits": a["logits"].long()}, "logits must be a floating-point tensor"),
         (lambda a: {**a, "target": a["target"].int()}, "target must be a floating-point tensor"),
         (lambda a: {**a, "mu": a["mu"].int()}, "mu must be a floating-point tensor"),
         (lambda a: {**a, "logits": a["logits"][:0], "target": a["target"][:0]}, "logits has an empty batch"),
         (lambda a: {**a, "logits": a["logits"].numpy()}, "logits must be a torch.Tensor"),
-        (lambda a: {**a, "target": a["target"].meta()} if False else {**a, "target": a["target"].to("meta")},
-         "target is on meta but logits is on cpu"),
+        (
+            lambda a: (
+                {**a, "target": a["target"].meta()} if False else {**a, "target": a["target"].to("meta")}
+            ),
+            "target is on meta but logits is on cpu",
+        ),
     ],
 )
 def test_bad_shapes_dtypes_devices(change, pattern):
-    args = dict(zip(("logits", "target", "mu", "logvar"), inputs()))
+    args = dict(zip(("logits", "target", "mu", "logvar"), inputs(), strict=True))
     with pytest.raises((ValueError, TypeError), match=pattern):
         fastvae.vae_loss(**change(args))
 
