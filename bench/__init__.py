@@ -1,0 +1,22 @@
+"""Benchmarks of fastvae's fused ops and training loop against the PyTorch ways of writing them.
+
+Entry points:
+
+* ``python -m bench [--quick] [--device cpu|cuda] [--out bench/results]``: the whole harness; writes
+  one JSON record per run, prints the tables and regenerates ``bench/README.md`` and the charts;
+* ``pytest bench/ --benchmark-only``: the same op cases as pytest-benchmark tests (for
+  ``--benchmark-compare`` between commits).
+
+Modules, one concept each:
+
+* :mod:`bench.machine`   -- what ran the benchmark (device, CPU, versions, git commit, load);
+* :mod:`bench.timing`    -- how time, bandwidth and peak memory are measured;
+* :mod:`bench.cases`     -- the grid of op cases, their inputs and their minimum bytes;
+* :mod:`bench.impls`     -- the implementations compared, and their correctness check;
+* :mod:`bench.ops`       -- runs the op cases (check, time, memory) into result dicts;
+* :mod:`bench.training`  -- whole-epoch training throughput;
+* :mod:`bench.report`    -- tables, README, chart and the targets;
+* ``bench/examples_loop.py`` -- pytorch/examples' training loop (the training baseline).
+"""
+
+SCHEMA = "fastvae-bench/1"
