@@ -89,11 +89,15 @@ def make_loaders(batch_size: int = 128) -> tuple[DataLoader, DataLoader]:
     )
 
 
-def train_epoch(model: VAE, optimizer: optim.Optimizer, loader: DataLoader) -> float:
-    """One training epoch, as the example's ``train()``; returns the average loss per sample."""
+def train_epoch(
+    model: VAE, optimizer: optim.Optimizer, loader: DataLoader, device: torch.device | str = "cpu"
+) -> float:
+    """One training epoch, as the example's ``train()`` (each batch moved with ``data.to(device)``);
+    returns the average loss per sample."""
     model.train()
     train_loss = 0.0
     for data, _ in loader:
+        data = data.to(device)
         optimizer.zero_grad()
         recon_batch, mu, logvar = model(data)
         loss = loss_function(recon_batch, data, mu, logvar)
