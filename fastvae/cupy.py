@@ -559,55 +559,41 @@ def kl_divergence(mu, logvar, reduction: str = "sum"):
     return _from_cupy(kl, _is_torch(mu) or _is_torch(logvar))
 
 
-def reparameterize(mu, logvar, seed: int):
-    """``z = mu + exp(logvar / 2) * eps``, ``eps[i] = tl.randn(seed, i)`` over the flat C-order index."""
+def _cupy_reparam(name_a: str, a, logvar, seed: int, backward: bool):
+    """One launch of the reparameterize kernel on ``a`` (mu, or dz for the backward) and ``logvar``."""
     cp = _cupy()
     seed = _check_seed(seed)
-    as_torch = _is_torch(mu) or _is_torch(logvar)
-    arrays = {"mu": _to_cupy("mu", mu), "logvar": _to_cupy("logvar", logvar)}
-    m, v = arrays["mu"], arrays["logvar"]
-    if v.shape != m.shape:
-        raise ValueError(f"logvar: expected the shape of mu {m.shape}, got {v.shape}")
-    if v.dtype != m.dtype:
-        raise TypeError(f"logvar: expected the dtype of mu ({m.dtype}), got {v.dtype}")
+    as_torch = _is_torch(a) or _is_torch(logvar)
+    arrays = {name_a: _to_cupy(name_a, a), "logvar": _to_cupy("logvar", logvar)}
+    x, v = arrays[name_a], arrays["logvar"]
+    if v.shape != x.shape:
+        raise ValueError(f"logvar: expected the shape of {name_a} {x.shape}, got {v.shape}")
+    if v.dtype != x.dtype:
+        raise TypeError(f"logvar: expected the dtype of {name_a} ({x.dtype}), got {v.dtype}")
     device_id = _same_device(arrays)
     with cp.cuda.Device(device_id):
-        m2, v2 = (m.reshape(1, -1), v.reshape(1, -1)) if m.ndim == 0 else (m, v)
-        rm, m2 = _cupy_rows("mu", m2, _FLOAT_CTYPES, flat=True)
+        x2, v2 = (x.reshape(1, -1), v.reshape(1, -1)) if x.ndim == 0 else (x, v)
+        rx, x2 = _cupy_rows(name_a, x2, _FLOAT_CTYPES, flat=True)
         rv, v2 = _cupy_rows("logvar", v2, _FLOAT_CTYPES, flat=True)
-        if rv.rows != rm.rows:  # one is fully contiguous, the other only row-contiguous
-            rm, m2 = _cupy_rows("mu", m2, _FLOAT_CTYPES)
+        if rv.rows != rx.rows:  # one is fully contiguous, the other only row-contiguous
+            rx, x2 = _cupy_rows(name_a, x2, _FLOAT_CTYPES)
             rv, v2 = _cupy_rows("logvar", v2, _FLOAT_CTYPES)
-        z = cp.empty(m.shape, dtype=m.dtype)
-        rz = _Rows(z.data.ptr, rm.rows, rm.cols, rm.cols, rm.ctype)
-        _launch_reparam(device_id, False, rm, rv, rz, seed)
-    return _from_cupy(z, as_torch)
+        out = cp.empty(x.shape, dtype=x.dtype)
+        ro = _Rows(out.data.ptr, rx.rows, rx.cols, rx.cols, rx.ctype)
+        _launch_reparam(device_id, backward, rx, rv, ro, seed)
+    return _from_cupy(out, as_torch)
+
+
+def reparameterize(mu, logvar, seed: int):
+    """``z = mu + exp(logvar / 2) * eps``, ``eps[i] = tl.randn(seed, i)`` over the flat C-order index."""
+    return _cupy_reparam("mu", mu, logvar, seed, backward=False)
 
 
 def reparameterize_backward(dz, logvar, seed: int):
     """``(dmu, dlogvar)`` with ``dmu = dz`` (the same array, not a copy) and
     ``dlogvar = 0.5 * dz * exp(logvar / 2) * eps``, eps replayed from ``seed``."""
-    cp = _cupy()
-    seed = _check_seed(seed)
-    as_torch = _is_torch(dz) or _is_torch(logvar)
-    arrays = {"dz": _to_cupy("dz", dz), "logvar": _to_cupy("logvar", logvar)}
-    g, v = arrays["dz"], arrays["logvar"]
-    if v.shape != g.shape:
-        raise ValueError(f"logvar: expected the shape of dz {g.shape}, got {v.shape}")
-    if v.dtype != g.dtype:
-        raise TypeError(f"logvar: expected the dtype of dz ({g.dtype}), got {v.dtype}")
-    device_id = _same_device(arrays)
-    with cp.cuda.Device(device_id):
-        g2, v2 = (g.reshape(1, -1), v.reshape(1, -1)) if g.ndim == 0 else (g, v)
-        rg, g2 = _cupy_rows("dz", g2, _FLOAT_CTYPES, flat=True)
-        rv, v2 = _cupy_rows("logvar", v2, _FLOAT_CTYPES, flat=True)
-        if rv.rows != rg.rows:
-            rg, g2 = _cupy_rows("dz", g2, _FLOAT_CTYPES)
-            rv, v2 = _cupy_rows("logvar", v2, _FLOAT_CTYPES)
-        dlogvar = cp.empty(g.shape, dtype=g.dtype)
-        rd = _Rows(dlogvar.data.ptr, rg.rows, rg.cols, rg.cols, rg.ctype)
-        _launch_reparam(device_id, True, rg, rv, rd, seed)
-    return (dz if as_torch else g), _from_cupy(dlogvar, as_torch)
+    dlogvar = _cupy_reparam("dz", dz, logvar, seed, backward=True)
+    return (dz if _is_torch(dz) or _is_torch(logvar) else _to_cupy("dz", dz)), dlogvar
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numba
 import numpy as np
 import pytest
 import torch
+from conftest import rel_err, to_np
 from fastvae.kernels import numba_cpu
 
 import fastvae
@@ -24,22 +25,6 @@ BATCHES = (1, 3, 127)
 FEATURES = (1, 7, 63, 64, 65, 784, 1025)
 LATENT = 5
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-
-
-def rel_err(actual, expected) -> float:
-    """||actual - expected|| / ||expected||, in float64; any NaN/inf in ``actual`` is an infinite error."""
-    a = actual.detach().double().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual, float)
-    e = np.asarray(expected, np.float64)
-    assert a.shape == e.shape, f"shape {a.shape} != expected {e.shape}"
-    if not np.all(np.isfinite(a)):
-        return float("inf")
-    denom = np.linalg.norm(e)
-    return float(np.linalg.norm(a - e) / (denom if denom > 0 else 1.0))
-
-
-def as_np(t: torch.Tensor) -> np.ndarray:
-    t = t.detach()
-    return t.numpy() if t.dtype == torch.uint8 else t.double().numpy()
 
 
 @pytest.fixture
@@ -86,7 +71,7 @@ def loss_and_grads(x, t, mu, lv, **kw):
 
 
 def reference(x, t, mu, lv, beta=1.0, reduction="sum", recon="bce"):
-    args = (as_np(x), as_np(t), as_np(mu), as_np(lv), beta, reduction, recon)
+    args = (to_np(x), to_np(t), to_np(mu), to_np(lv), beta, reduction, recon)
     grad = np.ones(x.shape[0]) if reduction == "none" else 1.0
     return ref.vae_loss(*args), ref.vae_loss_backward(*args, grad=grad)
 
@@ -148,8 +133,8 @@ def test_extreme_logits_and_logvar(numba_backend, nan_buffers, dtype):
     assert per_row[2] == 100.0 and xg.grad[2, 0] == 1.0  # x = 100, t = 0
     assert 0.0 <= per_row[3] < 1e-40 and 0.0 <= xg.grad[3, 0] < 1e-40  # x = -100, t = 0
     assert per_row[8] == pytest.approx(np.log(2.0), rel=3e-7) and xg.grad[8, 0] == 0.0  # x = 0, t = 1/2
-    want = ref.bce_with_logits(as_np(xs), as_np(ts), "none")
-    np.testing.assert_allclose(as_np(per_row), want, rtol=1e-6, atol=1e-40)
+    want = ref.bce_with_logits(to_np(xs), to_np(ts), "none")
+    np.testing.assert_allclose(to_np(per_row), want, rtol=1e-6, atol=1e-40)
 
 
 def test_logit_sweep_elementwise(numba_backend):
@@ -160,10 +145,10 @@ def test_logit_sweep_elementwise(numba_backend):
         xg = x.clone().requires_grad_()
         per_row = fastvae.bce_with_logits(xg, t, reduction="none")
         per_row.sum().backward()
-        want = ref.bce_with_logits(as_np(x), as_np(t), "none")
-        want_grad = ref.bce_with_logits_backward(as_np(x), as_np(t), "sum")
-        np.testing.assert_allclose(as_np(per_row), want, rtol=1e-6, atol=1e-42)
-        np.testing.assert_allclose(as_np(xg.grad), want_grad, rtol=1e-6, atol=3e-7)
+        want = ref.bce_with_logits(to_np(x), to_np(t), "none")
+        want_grad = ref.bce_with_logits_backward(to_np(x), to_np(t), "sum")
+        np.testing.assert_allclose(to_np(per_row), want, rtol=1e-6, atol=1e-42)
+        np.testing.assert_allclose(to_np(xg.grad), want_grad, rtol=1e-6, atol=3e-7)
 
 
 def test_no_grad_and_single_terms(numba_backend, nan_buffers):
@@ -173,7 +158,7 @@ def test_no_grad_and_single_terms(numba_backend, nan_buffers):
         loss = fastvae.vae_loss(x, t, mu, lv, reduction="mean")
         bce = fastvae.bce_with_logits(x, t, reduction="none")
         kl = fastvae.kl_divergence(mu, lv, reduction="sum")
-    args = (as_np(x), as_np(t), as_np(mu), as_np(lv))
+    args = (to_np(x), to_np(t), to_np(mu), to_np(lv))
     assert rel_err(loss, np.asarray(ref.vae_loss(*args, 1.0, "mean"))) < 1e-5
     assert rel_err(bce, ref.bce_with_logits(args[0], args[1], "none")) < 1e-5
     assert rel_err(kl, np.asarray(ref.kl_divergence(args[2], args[3], "sum"))) < 1e-6
@@ -212,7 +197,7 @@ def test_incoming_gradient_scales(numba_backend, nan_buffers):
     xg, mug, lvg = (a.clone().requires_grad_() for a in (x, mu, lv))
     w = torch.rand(127, generator=g)
     (fastvae.vae_loss(xg, t, mug, lvg, reduction="none") * w).sum().backward()
-    args = (as_np(x), as_np(t), as_np(mu), as_np(lv), 1.0, "none", "bce")
+    args = (to_np(x), to_np(t), to_np(mu), to_np(lv), 1.0, "none", "bce")
     wants = ref.vae_loss_backward(*args, grad=w.double().numpy())
     for got, want in zip((xg.grad, mug.grad, lvg.grad), wants, strict=True):
         assert rel_err(got, want) < 1e-5
