@@ -68,17 +68,32 @@ def randn_at(k0, k1, offset):
     return math.sqrt(-2.0 * math.log(np.float64(u1))) * math.cos(np.float64(theta))
 
 
+@_jit
+def _reparameterize_row(a, logvar, out, k0, k1, backward, b):
+    cols = a.shape[1]
+    for j in range(cols):
+        eps = randn_at(k0, k1, np.int64(b) * cols + j)
+        std = math.exp(0.5 * np.float64(logvar[b, j]))
+        if backward:
+            out[b, j] = 0.5 * np.float64(a[b, j]) * std * eps  # dlogvar = dz * std * eps / 2
+        else:
+            out[b, j] = np.float64(a[b, j]) + std * eps  # z = mu + std * eps
+
+
 @_pjit
 def _reparameterize_rows(a, logvar, out, k0, k1, backward):
-    rows, cols = a.shape
-    for b in prange(rows):
-        for j in range(cols):
-            eps = randn_at(k0, k1, np.int64(b) * cols + j)
-            std = math.exp(0.5 * np.float64(logvar[b, j]))
-            if backward:
-                out[b, j] = 0.5 * np.float64(a[b, j]) * std * eps  # dlogvar = dz * std * eps / 2
-            else:
-                out[b, j] = np.float64(a[b, j]) + std * eps  # z = mu + std * eps
+    for b in prange(a.shape[0]):
+        _reparameterize_row(a, logvar, out, k0, k1, backward, b)
+
+
+@_jit
+def _reparameterize_rows_serial(a, logvar, out, k0, k1, backward):
+    for b in range(a.shape[0]):
+        _reparameterize_row(a, logvar, out, k0, k1, backward, b)
+
+
+# Philox costs ~18 ns an element: the pool pays for itself from far fewer elements than the loss.
+_PARALLEL_MIN_DRAWS = 1 << 14
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +474,8 @@ def _reparameterize(a: torch.Tensor, logvar: torch.Tensor, seed: int, backward: 
     a2, lv2 = a.reshape(shape[0] if a.dim() else 1, -1), logvar.reshape(shape[0] if a.dim() else 1, -1)
     out = _grad_buffer(tuple(a2.shape), a)
     k0, k1 = _split_seed(seed)
-    _reparameterize_rows(_as_numpy(a2), _as_numpy(lv2), out.numpy(), k0, k1, backward)
+    kernel = _reparameterize_rows if a2.numel() >= _PARALLEL_MIN_DRAWS else _reparameterize_rows_serial
+    kernel(_as_numpy(a2), _as_numpy(lv2), out.numpy(), k0, k1, backward)
     return out.to(a.dtype).reshape(shape)
 
 
