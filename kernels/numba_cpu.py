@@ -354,6 +354,28 @@ def _fused_loss_rows_f32_serial(
         )
 
 
+@_vjit
+def _kl_alone_flat(mu, lv, dmu, dlv, row_kl, latent, kl_scale, need_grad):
+    """KL alone (``kl_divergence``): one vectorizable pass over all B*D elements, then the row sums in
+    order.  Row by row, the per-row set-up costs more than a row's ~20 elements (0.9 ms vs eager's
+    0.16 ms at 4,096 x 20).  Inputs are flat C-contiguous views; float64 arithmetic as in the rows."""
+    n = mu.shape[0]
+    terms = np.empty(n)
+    for i in range(n):
+        m = np.float64(mu[i])
+        l = np.float64(lv[i])
+        var = _exp_f64(l)
+        terms[i] = -0.5 * ((1.0 + l) - m * m - var)
+        if need_grad:
+            dmu[i] = m * kl_scale
+            dlv[i] = 0.5 * (var - 1.0) * kl_scale
+    for b in range(row_kl.shape[0]):
+        acc = 0.0
+        for d in range(latent):
+            acc += terms[b * latent + d]
+        row_kl[b] = acc
+
+
 # The plain scalar kernel: float64 logits (libm exp/log1p in float64 are as exact as the reference).
 @_jit
 def _loss_row_plain(
@@ -516,7 +538,12 @@ def fused_loss(logits, target, mu, logvar, beta: float, reduction: str, recon: s
     dmu_np = dmu.numpy() if dmu is not None else np.zeros((B, 0), dtype=m.dtype)
     dlv_np = dlv.numpy() if dlv is not None else np.zeros((B, 0), dtype=lv.dtype)
     scalars = (float(beta), grad_scale, t_scale, {"none": 0, "bce": 1, "mse": 2}[recon], need_grad)
-    if x.dtype == np.float32:
+    if not F:
+        row_recon.fill(0.0)
+        flat = lambda a: np.ascontiguousarray(a).reshape(-1)  # noqa: E731
+        kl_scale = float(beta) * grad_scale
+        _kl_alone_flat(flat(m), flat(lv), flat(dmu_np), flat(dlv_np), row_kl, D, kl_scale, need_grad)
+    elif x.dtype == np.float32:
         (xf, xs), (tf, ts), (mf, ms), (lf, ls) = (_flat_rows(a) for a in (x, t, m, lv))
         dims = np.array([F, D, xs, ts, ms, ls], dtype=np.int64)
         kernel = _fused_loss_rows_f32 if parallel else _fused_loss_rows_f32_serial
