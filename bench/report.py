@@ -2,7 +2,7 @@
 
 ``python -m bench.report [--results bench/results]`` regenerates ``bench/README.md`` (between its
 ``generated`` markers) and ``<results>/<device kind>-speedup.png`` from the latest quick or full
-record of each device kind; ``python -m bench`` does the same after each run.
+record of each device kind; ``python -m bench --record`` does the same after its run.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bench.cases import HEADLINE
+from bench.cases import HEADLINE, REPARAMETERIZE_SHAPES
 from bench.impls import BASELINES
 from bench.training import BASELINES as TRAIN_BASELINES
 
 BENCH = Path(__file__).resolve().parent
-RESULTS = BENCH / "results"
+RESULTS = BENCH / "results"  # committed records (python -m bench --record)
+OUT = BENCH / "out"  # default output folder of python -m bench: untracked (.gitignore)
+SECTIONS = ("training", "step", "host")  # measured apart from the ops; merged from the newest record
 README = BENCH / "README.md"
 BEGIN, END = "<!-- generated:start (python -m bench.report) -->", "<!-- generated:end -->"
 
@@ -37,10 +39,21 @@ def record_key(record: dict[str, Any]) -> str:
     return f"{kind}-{record['label']}" if record.get("label") else kind
 
 
+def _has(record: dict[str, Any], section: str) -> bool:
+    """Whether ``record`` measured ``section`` (training cases, step results, a host section that ran)."""
+    data = record.get(section) or {}
+    if section == "training":
+        return bool(data.get("cases"))
+    if section == "host":
+        return data.get("status") == "ok"
+    return bool(data.get("results"))
+
+
 def latest_records(results: Path = RESULTS) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """Per device kind and label, the newest quick or full record with op results, its training
-    section taken from the newest record that measured training (ops and training may be run
-    separately, e.g. to stay within a GPU session's time limit per command)."""
+    """Per device kind and label, the newest quick or full record with op results, its training, step
+    and host sections each taken from the newest record that measured it (sections may be run
+    separately, e.g. to stay within a GPU session's time limit per command); ``section_records``
+    names the files they came from."""
     runs: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
     for path in sorted(Path(results).glob("*.json")):
         try:
@@ -53,12 +66,14 @@ def latest_records(results: Path = RESULTS) -> dict[str, tuple[Path, dict[str, A
     for key, items in sorted(runs.items()):
         items.sort(key=lambda item: item[1]["date"])
         with_ops = [it for it in items if it[1].get("ops")]
-        with_training = [it for it in items if it[1].get("training", {}).get("cases")]
         path, record = (with_ops or items)[-1]
         record = dict(record)
-        if with_training and with_training[-1][0] != path:
-            record["training"] = with_training[-1][1]["training"]
-            record["training_record"] = with_training[-1][0].name
+        record["section_records"] = {}
+        for section in SECTIONS:
+            having = [it for it in items if _has(it[1], section)]
+            if having and having[-1][0] != path:
+                record[section] = having[-1][1][section]
+                record["section_records"][section] = having[-1][0].name
         latest[key] = (path, record)
     return latest
 
@@ -166,6 +181,72 @@ TRAINING_HEADER = [
 ]
 
 
+def _fmt_us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f}"
+
+
+def step_rows(record: dict[str, Any]) -> list[list[str]]:
+    """One row per variant of the training step: ms per step and the speed-up in the same mode."""
+    step = record.get("step", {})
+    rows = []
+    for name, r in step.get("results", {}).items():
+        if "time" not in r:
+            rows.append([name, f"{r['status']}: {r.get('reason', '')}", "", "", ""])
+            continue
+        t = r["time"]
+        kind = "compile" if name.endswith("compile") else "eager"
+        sp = step.get("speedup", {}).get(kind) if name.startswith("fastvae") else None
+        rows.append(
+            [
+                name,
+                f"{_fmt_ms(t['median_s'])} ({_fmt_ms(t['q25_s'])}-{_fmt_ms(t['q75_s'])})",
+                _fmt_ms(t["min_s"]),
+                ""
+                if sp is None
+                else f"{sp['median']:.2f}x (fastest {sp['min']:.2f}x; target {sp['target']})",
+                f"{r['first_loss']:.1f}",
+            ]
+        )
+    return rows
+
+
+STEP_HEADER = ["variant", "median ms per step (IQR)", "min ms", "vs unchanged", "first loss"]
+
+
+def host_rows(record: dict[str, Any]) -> list[list[str]]:
+    """One row per timed call: median and fastest microseconds, launches and JITFunction.run time."""
+    host = record["host"]
+    rows = []
+    for name, r in host["results"].items():
+        t = r["time"]
+        op = name.split()[0]
+        ratio = host.get("ratios", {}).get(op) if name.endswith("fastvae") and " 1x" in name else None
+        launch = r.get("jit_run_s_per_call")
+        rows.append(
+            [
+                name,
+                f"{_fmt_us(t['median_s'])} ({_fmt_us(t['q25_s'])}-{_fmt_us(t['q75_s'])})",
+                _fmt_us(t["min_s"]),
+                "" if "launches_per_call" not in r else f"{r['launches_per_call']:g}",
+                "" if launch is None else _fmt_us(launch),
+                "" if launch is None else _fmt_us(t["median_s"] - launch),
+                "" if ratio is None else f"{ratio['median']:.2f}x (target <= {ratio['target']}x)",
+            ]
+        )
+    return rows
+
+
+HOST_HEADER = [
+    "call (fwd+bwd)",
+    "median us (IQR)",
+    "min us",
+    "launches",
+    "JITFunction.run us",
+    "rest us",
+    "vs eager at B=1",
+]
+
+
 def summary(record: dict[str, Any]) -> str:
     """Where and how a record was measured, in a few lines."""
     m = record["machine"]
@@ -212,6 +293,19 @@ def tables(record: dict[str, Any]) -> str:
         parts += ["", _markdown(TRAINING_HEADER, training_rows(record))]
     elif training.get("skipped"):
         parts += ["", f"Training not measured: {training['skipped']}"]
+    st = record.get("step")
+    if st and st.get("results"):
+        parts += ["", f"Training step, {st['model']}, batch {st['batch']}, {st['device']}:", ""]
+        parts.append(_markdown(STEP_HEADER, step_rows(record)))
+    elif st:
+        parts += ["", f"Training step not measured: {st.get('reason', st.get('status'))}"]
+    host = record.get("host")
+    if host and host.get("status") == "ok":
+        what = f"stub Triton driver, {host['threads']} thread"
+        parts += ["", f"Host time per call on the CUDA code path ({what}):"]
+        parts += ["", _markdown(HOST_HEADER, host_rows(record))]
+    elif host:
+        parts += ["", f"Host time not measured: {host.get('reason', host.get('status'))}"]
     return "\n".join(parts)
 
 
@@ -283,35 +377,69 @@ def _train_ratio(record: dict[str, Any] | None, loop: str, baseline: str) -> Pai
     return None
 
 
-def _target_row(name: str, values: Pair | None, goal: float, unit: str, where: str) -> list[str]:
-    """``met`` when the figure meets the goal by medians and by the fastest calls; ``not met`` when
-    neither does; otherwise inconclusive (load from other processes moved the medians)."""
+def _target_row(
+    name: str, values: Pair | None, goal: float, unit: str, where: str, *, at_most: bool = False
+) -> list[str]:
+    """``met`` when the figure meets the goal (at least ``goal``, or at most with ``at_most``) by
+    medians and by the fastest calls; ``not met`` when neither does; otherwise inconclusive (load
+    from other processes moved the medians)."""
     if values is None:
         return [name, "not measured", ""]
     fmt = (lambda v: f"{v:.1f}%") if unit == "%" else (lambda v: f"{v:.2f}x")
     median, best = values
     shown = f"{fmt(median)} (fastest: {fmt(best)}; {where})"
-    if median >= goal and best >= goal:
+    meets = (lambda v: v <= goal) if at_most else (lambda v: v >= goal)
+    if meets(median) and meets(best):
         status = "met"
-    elif median < goal and best < goal:
+    elif not meets(median) and not meets(best):
         status = "**not met**"
     else:
         status = "inconclusive: the median and the fastest disagree (machine load)"
     return [name, shown, status]
 
 
+def _section_pair(section: dict[str, Any] | None, key: str) -> Pair | None:
+    """(median, fastest) of a step speed-up or a host-time ratio."""
+    value = (section or {}).get(key)
+    return None if value is None else (value["median"], value["min"])
+
+
 def target_rows(records: dict[str, tuple[Path, dict[str, Any]]]) -> list[list[str]]:
-    """The issue's targets with the latest unlabelled CPU and GPU records' figures."""
+    """The issues' targets with the latest unlabelled CPU and GPU records' figures (the newest record of
+    each device type when several machines have records)."""
     plain = [r for _, r in records.values() if not r.get("label")]  # labelled runs are variants
+    plain.sort(key=lambda r: r["date"], reverse=True)
     cpu = next((r for r in plain if r["machine"]["device"]["type"] == "cpu"), None)
     gpu = next((r for r in plain if r["machine"]["device"]["type"] == "cuda"), None)
     rows = []
+    kind = cpu["machine"]["device"]["kind"] if cpu else ""
     head = _ops_entry(cpu, HEADLINE.id) if cpu else None
-    where = f"{HEADLINE.id}, {cpu['machine']['device']['kind']}" if cpu else ""
-    for goal, baseline in ((1.0, "compile"), (1.5, "eager-best"), (3.0, "eager-seed")):
+    where = f"{HEADLINE.id}, {kind}" if cpu else ""
+    for goal, baseline in ((1.2, "compile"), (1.5, "eager-best"), (3.0, "eager-seed")):
         value, _ = _ratio(head, "fastvae", (baseline,))
         name = f"CPU: vae_loss fwd+bwd 4,096 x 784 fp32 >= {goal}x {baseline}"
         rows.append(_target_row(name, value, goal, "x", where))
+    batch128 = "vae_loss fwd+bwd 128x784 D=20 fp32 float"
+    entry = _ops_entry(cpu, batch128) if cpu else None
+    for goal, baseline in ((1.5, "eager-best"), (1.0, "compile")):
+        value, _ = _ratio(entry, "fastvae", (baseline,))
+        name = f"CPU: vae_loss fwd+bwd 128 x 784 fp32 >= {goal}x {baseline}"
+        rows.append(_target_row(name, value, goal, "x", f"{batch128}, {kind}"))
+    for (B, D), goal in zip(REPARAMETERIZE_SHAPES, (1.5, 2.0, 2.0), strict=True):
+        case_id = f"reparameterize fwd+bwd {B} D={D} fp32"
+        entry = _ops_entry(cpu, case_id) if cpu else None
+        value, which = _ratio(entry, "fastvae", ("eager-seed", "eager-best"))
+        name = f"CPU: reparameterize fwd+bwd {B:,} x {D} >= {goal}x eager"
+        rows.append(_target_row(name, value, goal, "x", f"vs {which}, {kind}"))
+    host = (cpu or {}).get("host") if (cpu or {}).get("host", {}).get("status") == "ok" else None
+    for op, goal in (("vae_loss", 0.6), ("reparameterize", 0.8)):
+        name = f"CUDA code path, host time of {op} fwd+bwd <= {goal}x the eager expression's at B=1"
+        value = _section_pair((host or {}).get("ratios"), op)
+        rows.append(_target_row(name, value, goal, "x", "stub Triton driver, 1 thread", at_most=True))
+    step = (cpu or {}).get("step", {}).get("speedup")
+    for mode, goal in (("eager", 1.05), ("compile", 1.0)):
+        name = f"CPU: pytorch/examples step, batch 128, README's change >= {goal}x unchanged ({mode})"
+        rows.append(_target_row(name, _section_pair(step, mode), goal, "x", f"{kind}"))
     name = "CPU: training epoch, batch 128 >= 1.3x pytorch/examples"
     rows.append(_target_row(name, _train_ratio(cpu, "trainer", "examples"), 1.3, "x", "MLP, Trainer()"))
 
@@ -426,9 +554,9 @@ def generated_section(records: dict[str, tuple[Path, dict[str, Any]]], readme: P
     for kind, (path, record) in records.items():
         rel = path.relative_to(readme.parent) if path.is_relative_to(readme.parent) else path
         parts += [f"### {kind}", "", f"Record: [`{rel}`]({rel})"]
-        if record.get("training_record"):
-            trel = rel.parent / record["training_record"]
-            parts[-1] += f"; training: [`{trel}`]({trel})"
+        for section, name in record.get("section_records", {}).items():
+            srel = rel.parent / name
+            parts[-1] += f"; {section}: [`{srel}`]({srel})"
         parts += ["", tables(record), ""]
         chart = path.parent / f"{kind}-speedup.png"
         if chart.exists():

@@ -4,17 +4,19 @@
 MNIST set (the first 9,000 images; the last 1,000 are held out) for 10 epochs, writes
 ``runs/<timestamp>/`` (``checkpoint.pt``, ``metrics.jsonl``, pictures) and prints the held-out
 negative ELBO.  ``torchrun --nproc-per-node=N -m fastvae train ...`` trains on N processes
-(DistributedDataParallel; ``--batch-size`` is the global batch).
+(DistributedDataParallel; ``--batch-size`` is the global batch).  ``sample``, ``encode`` and
+``score`` write next to the checkpoint they read unless ``--out`` says otherwise, and print where.
 
 Errors in the input (a bad path, data out of range, a corrupt checkpoint, a bad argument) are
 reported as one line on stderr with a non-zero exit status; set ``FASTVAE_DEBUG=1`` for the
-traceback.
+traceback.  Ctrl-C during training prints the command that continues the run (exit status 130).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import sys
 import time
 import warnings
@@ -22,10 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["main", "build_parser", "DEFAULT_EPOCHS", "VAL_FRACTION"]
+__all__ = ["main", "build_parser", "DEFAULT_EPOCHS", "VAL_FRACTION", "SEED_MAX"]
 
 DEFAULT_EPOCHS = 10
 VAL_FRACTION = 0.1
+SEED_MAX = 2**63 - 1  # the Trainer's bound; torch.manual_seed overflows past 2**64 - 1
 _TRAIN_DEFAULTS: dict[str, Any] = {
     "data": "mnist",
     "model": "mlp",
@@ -42,9 +45,11 @@ _TRAIN_DEFAULTS: dict[str, Any] = {
     "limit": None,
     "val_fraction": VAL_FRACTION,
 }
-# What a resumed run takes from its checkpoint (and so may not be given again with --resume).
+# The settings a resumed run takes from its checkpoint: given with --resume they must equal the run's.
 _FIXED_ON_RESUME = ("data", "model", "latent", "hidden", "batch_size", "lr", "beta", "kl_warmup")
 _FIXED_ON_RESUME += ("free_bits", "grad_clip", "seed", "limit", "val_fraction", "amp", "out")
+_HYPERPARAMETERS = ("lr", "batch_size", "beta", "kl_warmup", "free_bits", "grad_clip", "seed")
+_SPLITS = ("all", "train", "test")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,30 +59,44 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to options that have a default; required options and None defaults get none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class CLIError(ValueError):
     """A usage error found after parsing (reported as one line)."""
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says how to continue the run."""
 
 
 # ---------------------------------------------------------------------- argument types
 
 
-def _int_at_least(minimum: int, expected: str):
-    """An argparse type: an integer >= ``minimum``, refused with ``expected`` in the message."""
+def _int_in(minimum: int, maximum: int | None, expected: str):
+    """An argparse type: an integer in ``[minimum, maximum]``, refused with ``expected`` in the message."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
+        if value is None or value < minimum or (maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     return parse
 
 
-_positive_int = _int_at_least(1, "a positive integer")
-_nonneg_int = _int_at_least(0, "an integer >= 0")
+_positive_int = _int_in(1, None, "a positive integer")
+_nonneg_int = _int_in(0, None, "an integer >= 0")
+_seed = _int_in(0, SEED_MAX, "an integer in [0, 2**63 - 1]")
 
 
 def _float_at_least(low: float, strict: bool):
@@ -107,6 +126,23 @@ def _fraction(text: str) -> float:
 # ---------------------------------------------------------------------- the parser
 
 
+def _version() -> str:
+    import torch
+
+    from fastvae import __version__
+
+    where = Path(__file__).resolve().parent
+    return f"fastvae {__version__} ({where}; torch {torch.__version__}, Python {platform.python_version()})"
+
+
+_DEVICE_HELP = "auto = cuda if available, else cpu"
+_SPLIT_HELP = (
+    "which images of --data: all; train = the images a run trains on; test = the held-out ones "
+    "(mnist: all 10,000 / the first 9,000 / the last 1,000; a file: all / all but the last "
+    "val_fraction / the last val_fraction, with the run's val_fraction, default 0.1)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastvae`` argument parser (sub-commands ``train``, ``sample``, ``encode``, ``score``)."""
     parser = _Parser(
@@ -114,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and use variational autoencoders with fused Triton/Numba kernels.",
         epilog="Run 'fastvae COMMAND --help' for the options of a command.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -167,18 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--grad-clip", type=_float_at_least(0.0, strict=True), metavar="X", help="clip the gradient norm to X"
     )
-    t.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), help="auto = cuda if available, else cpu (default: auto)"
-    )
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), help=f"{_DEVICE_HELP} (default: auto)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     t.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
-    t.add_argument("--seed", type=_nonneg_int, metavar="N", help="random seed (default: 0)")
+    t.add_argument("--seed", type=_seed, metavar="N", help="random seed, 0 to 2**63 - 1 (default: 0)")
     t.add_argument("--out", metavar="DIR", help="output directory (default: runs/<timestamp>)")
     t.add_argument(
         "--resume",
         metavar="DIR",
-        help="continue the run in DIR from its checkpoint (settings come from the checkpoint; "
-        "--epochs sets a new total)",
+        help="continue the run in DIR from its checkpoint (settings come from the checkpoint: other "
+        "options must equal the run's; --epochs sets a new total)",
     )
     t.add_argument(
         "--limit", type=_positive_int, metavar="N", help="train on the first N training images only"
@@ -189,31 +224,48 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="held-out fraction of a data file (default: 0.1; mnist uses its fixed 9000/1000 split)",
     )
-    t.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
+    t.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar or per-epoch lines (the bar shows only on a terminal; logs get one line "
+        "per epoch)",
+    )
     t.add_argument("--no-plots", action="store_true", help="do not write the pictures")
 
     s = sub.add_parser(
         "sample",
         help="draw images from a trained model's prior",
         description="Decode z ~ N(0, I) with a trained model and save the images as a grid (PNG).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     s.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint file")
     s.add_argument("--n", type=_positive_int, default=64, metavar="N", help="number of samples")
-    s.add_argument("--out", default="samples.png", metavar="FILE.png", help="image file to write")
-    s.add_argument("--seed", type=_nonneg_int, default=0, metavar="N", help="random seed")
-    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="device")
+    s.add_argument(
+        "--out",
+        metavar="FILE.png",
+        help="image file to write (default: samples-seed<N>.png next to the checkpoint)",
+    )
+    s.add_argument("--seed", type=_seed, default=0, metavar="N", help="random seed")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=_DEVICE_HELP)
 
     e = sub.add_parser(
         "encode",
-        help="write the posterior means of data to a .npy file",
-        description="Encode data with a trained model; saves the means mu(x) as float32 [N, latent].",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="write the posterior means of data (and their labels) to .npy files",
+        description=(
+            "Encode data with a trained model: saves the posterior means mu(x) as float32 [N, latent] and, "
+            "when the data have labels (mnist does), the labels as int64 [N] in FILE.labels.npy beside it."
+        ),
+        formatter_class=_Formatter,
     )
     e.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint file")
     e.add_argument("--data", default="mnist", metavar="mnist|PATH", help="data to encode")
-    e.add_argument("--out", default="latents.npy", metavar="FILE.npy", help="output file")
-    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="device")
+    e.add_argument("--split", choices=_SPLITS, default="all", help=_SPLIT_HELP)
+    e.add_argument(
+        "--out",
+        metavar="FILE.npy",
+        help="output file (default: latents-<data>-<split>.npy next to the checkpoint)",
+    )
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=_DEVICE_HELP)
 
     c = sub.add_parser(
         "score",
@@ -221,22 +273,43 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Score data with a trained model: the per-sample negative ELBO in nats "
             "(fastvae.vae_loss(reduction='none'), z sampled with a fixed seed; high = unusual).  "
-            "Saves float32 [N]."
+            "Saves float32 [N], and the labels as int64 [N] in FILE.labels.npy when the data have them."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     c.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or checkpoint file")
     c.add_argument("--data", default="mnist", metavar="mnist|PATH", help="data to score")
-    c.add_argument("--out", default="scores.npy", metavar="FILE.npy", help="output file")
+    c.add_argument("--split", choices=_SPLITS, default="all", help=_SPLIT_HELP)
+    c.add_argument(
+        "--out",
+        metavar="FILE.npy",
+        help="output file (default: scores-<data>-<split>.npy next to the checkpoint)",
+    )
     c.add_argument(
         "--samples", type=_positive_int, default=1, metavar="K", help="z draws averaged per sample"
     )
-    c.add_argument("--seed", type=_nonneg_int, default=0, metavar="N", help="seed of the z draws")
-    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="device")
+    c.add_argument("--seed", type=_seed, default=0, metavar="N", help="seed of the z draws")
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=_DEVICE_HELP)
     return parser
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _shadowing_folder() -> str | None:
+    """The folder that hides this installation's ``fastvae`` package, or None when there is none.
+
+    ``python -m fastvae`` puts the current directory first on ``sys.path``, so a folder named
+    ``fastvae`` there is imported instead of the installed package (an editable install then still
+    finds this module, but not the package's ``__init__``).
+    """
+    pkg = sys.modules.get("fastvae")
+    here = Path(__file__).resolve().parent
+    where = getattr(pkg, "__file__", None)
+    if where is not None and Path(where).resolve().parent == here:
+        return None
+    paths = [str(Path(p).resolve()) for p in getattr(pkg, "__path__", [])]
+    return paths[0] if paths else str(where)
 
 
 def _device(name: str):
@@ -307,13 +380,99 @@ def _broadcast_path(trainer, path: Path | None) -> Path:
     return Path(box[0])
 
 
+def _check_no_file_above(path: Path, flag: str) -> None:
+    """Refuse ``path`` when its nearest existing ancestor is a file (mkdir would say "File exists")."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise CLIError(f"{flag} {path}: {parent} is a file, not a directory")
+            return
+
+
+def _check_out_file(path: Path, suffix: str) -> Path:
+    """Check an output file name: ``suffix``, not a directory, in an existing directory."""
+    if path.is_dir():
+        raise CLIError(f"--out {path} is a directory; name a file in it, such as {path / ('out' + suffix)}")
+    if path.suffix.lower() != suffix:
+        raise CLIError(f"--out must name a {suffix} file, got {str(path)!r}")
+    _check_no_file_above(path, "--out")
+    if not path.parent.exists():
+        raise CLIError(f"--out {path}: directory {path.parent} does not exist")
+    return path
+
+
+def _run_dir(checkpoint: str) -> Path:
+    """The directory of a checkpoint: the run directory itself, or the folder holding the file."""
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent
+
+
+def _data_name(source: str) -> str:
+    """A short name for ``--data`` in default file names: ``mnist`` or the file's name without suffixes."""
+    if source.lower() == "mnist":
+        return "mnist"
+    name = Path(source).name
+    for suffix in (".gz", ".npy", ".npz", ".pt", ".pth"):
+        name = name.removesuffix(suffix)
+    return name or "data"
+
+
+def _labels_path(out: Path) -> Path:
+    """``latents.npy`` -> ``latents.labels.npy``: where the labels of ``out``'s rows go."""
+    return out.with_name(out.stem + ".labels.npy")
+
+
+def _given_settings(given: dict[str, Any], device) -> dict[str, Any]:
+    """The resume-fixed options given on the command line, normalised as a run stores them."""
+    settings = {k: given[k] for k in _FIXED_ON_RESUME if k in given}
+    if "data" in settings and settings["data"].lower() != "mnist":
+        settings["data"] = str(Path(settings["data"]).resolve())
+    elif "data" in settings:
+        settings["data"] = "mnist"
+    if "hidden" in settings:
+        settings["hidden"] = list(settings["hidden"])
+    if "amp" in settings:  # --amp on a CPU trains in fp32, and the run stores None
+        settings["amp"] = "bf16" if device.type == "cuda" else None
+    if "out" in settings:
+        settings["out"] = str(Path(settings["out"]).resolve())
+    return settings
+
+
+def _run_settings(resume: str, meta: dict, hp: dict, model_cfg: dict) -> dict[str, Any]:
+    """The settings of the run in ``resume``, under the CLI's option names."""
+    run = {k: meta.get(k) for k in ("data", "limit", "val_fraction")}
+    run.update({k: hp.get(k) for k in _HYPERPARAMETERS})
+    run.update(model=model_cfg.get("model"), latent=model_cfg.get("latent"), hidden=model_cfg.get("hidden"))
+    run.update(amp=hp.get("amp"), out=str(_run_dir(resume).resolve()))
+    return run
+
+
+def _conflicts(given: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """``--seed 4 (the run's: 3)`` for every given setting that differs from the run's own."""
+    out = []
+    for key, value in given.items():
+        if value != run.get(key):
+            flag = "--" + key.replace("_", "-")
+            if key == "amp":  # a flag: its value is what this device makes of it
+                out.append(f"--amp (amp={value} here; the run's: amp={run.get(key)})")
+                continue
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            out.append(f"{flag} {shown} (the run's: {run.get(key)})")
+    return out
+
+
 # ---------------------------------------------------------------------- commands
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from fastvae.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from fastvae.checkpoint import (
+        CHECKPOINT_NAME,
+        build_checkpoint_model,
+        load_checkpoint,
+        resolve_checkpoint_path,
+    )
     from fastvae.trainer import Trainer
 
     given = vars(args)
@@ -323,42 +482,52 @@ def _cmd_train(args: argparse.Namespace) -> int:
     compile_ = given.get("compile", False)
     amp = "bf16" if given.get("amp", False) else None
     resume = given.get("resume")
+    done = 0
 
     if resume is not None:
-        clash = [k for k in _FIXED_ON_RESUME if k in given]
-        if clash:
-            flags = ", ".join("--" + k.replace("_", "-") for k in clash)
-            raise CLIError(
-                f"{flags} cannot be given with --resume: a resumed run keeps the settings of {resume}"
-            )
         state = load_checkpoint(resume)
-        config = state["config"]
-        meta, hp, model_cfg = config.get("meta", {}), config.get("trainer", {}), config.get("model")
-        if not model_cfg or "data" not in meta:
+        config = state["config"] if isinstance(state["config"], dict) else {}
+        meta, hp, model_cfg = config.get("meta"), config.get("trainer"), config.get("model")
+        if not isinstance(model_cfg, dict) or not isinstance(meta, dict) or "data" not in meta:
             raise CLIError(f"{resume} was not written by 'fastvae train' (no data source in its config)")
-        opts.update({k: meta[k] for k in ("data", "limit", "val_fraction") if k in meta})
-        opts.update(
-            {k: hp[k] for k in ("lr", "batch_size", "beta", "kl_warmup", "free_bits", "grad_clip", "seed")}
+        lacking = [k for k in _HYPERPARAMETERS if not isinstance(hp, dict) or k not in hp]
+        if lacking:
+            raise CLIError(
+                f"{resume} is not a complete 'fastvae train' checkpoint: its config lacks {lacking}"
+            )
+        clash = _conflicts(
+            _given_settings(given, _device(device)), _run_settings(resume, meta, hp, model_cfg)
         )
+        if clash:
+            them = "it" if len(clash) == 1 else "them"
+            raise CLIError(
+                f"{', '.join(clash)}: a resumed run keeps its own settings (only --epochs, --device, "
+                f"--compile, --no-progress and --no-plots may change); leave {them} out to continue "
+                f"{resume}, or start a new run with --out"
+            )
+        opts.update({k: meta[k] for k in ("data", "limit", "val_fraction") if k in meta})
+        opts.update({k: hp[k] for k in _HYPERPARAMETERS})
         amp = hp.get("amp")
         if "epochs" not in given:
             opts["epochs"] = int(meta.get("epochs", state["epoch"]))
-        out: Path | None = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+        done = int(state["epoch"])
+        out: Path | None = _run_dir(resume)
+        model = build_checkpoint_model(state, resolve_checkpoint_path(resume))  # weights: fit loads them
         del state
     else:
         out = None if given.get("out") is None else Path(given["out"])
-        if out is not None and (out / CHECKPOINT_NAME).exists():
-            raise CLIError(f"--out {out} already holds a checkpoint; continue it with --resume {out}")
+        if out is not None:
+            _check_no_file_above(out, "--out")
+            if out.exists() and not out.is_dir():
+                raise CLIError(f"--out {out} is a file, not a directory")
+            if (out / CHECKPOINT_NAME).exists():
+                raise CLIError(f"--out {out} already holds a checkpoint; continue it with --resume {out}")
 
     train_x, train_y, val_x, val_y, val_desc = _load_training_data(
         opts["data"], opts["limit"], opts["val_fraction"]
     )
-    torch.manual_seed(opts["seed"])
-    if resume is not None:
-        from fastvae import models
-
-        model = models.build_model(model_cfg)
-    else:
+    torch.manual_seed(opts["seed"])  # the initial weights of a new run
+    if resume is None:
         model = _build_model(opts["model"], tuple(train_x.shape[1:]), opts["latent"], opts["hidden"])
 
     trainer = Trainer(
@@ -384,10 +553,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "epochs": opts["epochs"],
         }
         out = _broadcast_path(trainer, out if out is not None or not trainer.dist.is_main else _new_run_dir())
+        if trainer.dist.is_main:
+            print(_start_line(model, trainer, train_x.shape[0], val_desc, opts["epochs"], out, resume, done))
+            sys.stdout.flush()
         val = None if val_x is None else (val_x, val_y)
-        history = trainer.fit(
-            (train_x, train_y), opts["epochs"], val=val, out=out, plots=not given.get("no_plots", False)
-        )
+        try:
+            history = trainer.fit(
+                (train_x, train_y),
+                opts["epochs"],
+                val=val,
+                out=out,
+                plots=not given.get("no_plots", False),
+                resume=resume is not None,  # decided under the run directory's lock
+            )
+        except KeyboardInterrupt:
+            if not trainer.dist.is_main:
+                raise
+            raise _Interrupted(_resume_hint(out, trainer.epoch, opts["epochs"])) from None
     finally:
         trainer.close()
     if trainer.dist.is_main:
@@ -409,17 +591,59 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_line(
+    model, trainer, n_train: int, val_desc: str, epochs: int, out: Path, resume, done: int
+) -> str:
+    """What is about to happen: the model, the data, the epochs and where the files go."""
+    import math
+
+    cfg = model.config() if callable(getattr(model, "config", None)) else {}
+    params = sum(p.numel() for p in model.parameters())
+    what = f"{cfg.get('model', type(model).__name__)} VAE (latent {cfg.get('latent')}, {params:,} parameters)"
+    steps = math.ceil(n_train / trainer.batch_size)
+    held = f", held out: {val_desc}" if val_desc else ""
+    if resume is not None:
+        if done >= epochs:
+            return (
+                f"{out} already has {done} of {epochs} epochs: nothing to train "
+                f"(give --epochs N with N > {done} to continue it)"
+            )
+        return (
+            f"resuming {out} from its checkpoint of epoch {done}: training epochs {done + 1} to {epochs} "
+            f"of {what} on {n_train:,} images{held}, {steps} steps of {trainer.batch_size} per epoch, "
+            f"on {trainer.device}"
+        )
+    # Numba compiles the CPU kernels at their first call (then caches them on disk): the first steps of
+    # a new install wait for it, with the bar at 0.
+    first = (
+        "; the first steps of a new install compile the CPU kernels" if trainer.device.type == "cpu" else ""
+    )
+    return (
+        f"training {what} on {n_train:,} images{held}: {epochs} epoch{'s' if epochs != 1 else ''} of "
+        f"{steps} steps of {trainer.batch_size}, on {trainer.device}, into {out}/{first}"
+    )
+
+
+def _resume_hint(out: Path, completed: int, epochs: int) -> str:
+    """The line printed on Ctrl-C: which epoch was interrupted and the command that continues the run."""
+    from fastvae.checkpoint import CHECKPOINT_NAME
+
+    where = f"interrupted in epoch {completed + 1} of {epochs}"
+    if not (out / CHECKPOINT_NAME).exists():
+        return f"{where}, before the first checkpoint: nothing was saved in {out}"
+    return f"{where}; continue from the last checkpoint with: fastvae train --resume {out}"
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from fastvae import plots
     from fastvae.checkpoint import load_model
 
+    default = _run_dir(args.checkpoint) / f"samples-seed{args.seed}.png"
+    out = _check_out_file(Path(args.out) if args.out is not None else default, ".png")
     device = _device(args.device)
     model = load_model(args.checkpoint, map_location=device)
-    out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        raise CLIError(f"--out {out}: directory {out.parent} does not exist")
     gen = torch.Generator(device="cpu")
     gen.manual_seed(args.seed)
     path = plots.plot_samples(model, out, n=args.n, generator=gen)
@@ -427,58 +651,81 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_eval_data(source: str):
+def _load_split(source: str, split: str, checkpoint: str):
+    """``(images, labels or None, description)`` of ``split`` of ``source`` (see ``--split``)."""
     from fastvae import data
+    from fastvae.checkpoint import load_checkpoint
 
-    images, _ = data.load_data(source)
-    return images
+    if source.lower() == "mnist":
+        images, labels = data.load_mnist(split)
+        part = {"all": "all", "train": "the first", "test": "the last (held-out)"}[split]
+        return images, labels, f"{part} {images.shape[0]:,} MNIST images"
+    images, labels = data.load_data(source)
+    if split == "all":
+        return images, labels, f"all {images.shape[0]:,} samples of {source}"
+    config = load_checkpoint(checkpoint)["config"]
+    meta = config.get("meta", {}) if isinstance(config, dict) else {}
+    fraction = meta.get("val_fraction", VAL_FRACTION) if isinstance(meta, dict) else VAL_FRACTION
+    train_x, train_y, val_x, val_y = data.split_train_val(images, labels, fraction)
+    if split == "train":
+        return (
+            train_x,
+            train_y,
+            f"the first {train_x.shape[0]:,} samples of {source} (val_fraction {fraction})",
+        )
+    if val_x.shape[0] == 0:
+        raise CLIError(f"--split test: the run holds out nothing of {source} (val_fraction {fraction})")
+    return val_x, val_y, f"the last {val_x.shape[0]:,} samples of {source} (val_fraction {fraction})"
 
 
-def _check_out(path: str, suffix: str) -> Path:
-    out = Path(path)
-    if out.suffix.lower() != suffix:
-        raise CLIError(f"--out must name a {suffix} file, got {path!r}")
-    if not out.parent.exists():
-        raise CLIError(f"--out {path}: directory {out.parent} does not exist")
-    return out
+def _save_with_labels(out: Path, array, labels) -> str:
+    """Save ``array`` to ``out`` and the labels (if any) beside it; returns the sentence naming the files."""
+    import numpy as np
+
+    np.save(out, array)
+    if labels is None:
+        stale = _labels_path(out)
+        stale.unlink(missing_ok=True)  # a labels file from an earlier run would no longer match the rows
+        return f"to {out} (the data have no labels)"
+    np.save(_labels_path(out), labels.numpy().astype(np.int64))
+    return f"to {out}, labels to {_labels_path(out)}"
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     from fastvae.checkpoint import load_model
 
-    out = _check_out(args.out, ".npy")
+    default = _run_dir(args.checkpoint) / f"latents-{_data_name(args.data)}-{args.split}.npy"
+    out = _check_out_file(Path(args.out) if args.out is not None else default, ".npy")
     device = _device(args.device)
     model = load_model(args.checkpoint, map_location=device)
-    images = _load_eval_data(args.data)
+    images, labels, desc = _load_split(args.data, args.split, args.checkpoint)
     means = []
     with torch.no_grad():
         for start in range(0, images.shape[0], 1024):
             mu, _ = model.encode(images[start : start + 1024].to(device))
             means.append(mu.float().cpu())
     array = torch.cat(means).numpy()
-    np.save(out, array)
-    print(f"wrote the posterior means of {array.shape[0]} samples, shape {list(array.shape)}, to {out}")
+    where = _save_with_labels(out, array, labels)
+    print(f"wrote the posterior means of {desc}, shape {list(array.shape)}, {where}")
     return 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from fastvae.checkpoint import load_model
     from fastvae.trainer import score_samples
 
-    out = _check_out(args.out, ".npy")
+    default = _run_dir(args.checkpoint) / f"scores-{_data_name(args.data)}-{args.split}.npy"
+    out = _check_out_file(Path(args.out) if args.out is not None else default, ".npy")
     device = _device(args.device)
     model = load_model(args.checkpoint, map_location=device)
-    images = _load_eval_data(args.data)
+    images, labels, desc = _load_split(args.data, args.split, args.checkpoint)
     scores = score_samples(model, images, seed=args.seed, samples=args.samples, device=device).numpy()
-    np.save(out, scores)
+    where = _save_with_labels(out, scores, labels)
     print(
-        f"wrote {scores.shape[0]} per-sample negative ELBOs (nats; mean {scores.mean():.2f}, "
-        f"max {scores.max():.2f}) to {out}"
+        f"wrote the per-sample negative ELBOs of {desc} (nats; mean {scores.mean():.2f}, "
+        f"max {scores.max():.2f}) {where}"
     )
     return 0
 
@@ -488,6 +735,15 @@ _COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "encode": _cmd_encode, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastvae`` console script and of ``python -m fastvae``; returns the exit status."""
+    shadow = _shadowing_folder()
+    if shadow is not None:
+        print(
+            f"fastvae: error: the folder {shadow} hides the installed fastvae package "
+            f"({Path(__file__).resolve().parent}): 'python -m' and scripts look in the current directory "
+            "first; run from another directory, rename that folder, or use the 'fastvae' command",
+            file=sys.stderr,
+        )
+        return 1
     args = build_parser().parse_args(argv)
     from fastvae.checkpoint import CheckpointError
     from fastvae.trainer import TrainingDivergedError
@@ -501,8 +757,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = one_line_warning
     try:
         return _COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print(f"fastvae {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        detail = str(e) if isinstance(e, _Interrupted) else "interrupted"
+        print(f"\nfastvae {args.command}: {detail}", file=sys.stderr)
         return 130
     except expected as e:
         if os.environ.get("FASTVAE_DEBUG"):

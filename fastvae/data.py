@@ -25,20 +25,26 @@ import functools
 import gzip
 import hashlib
 import importlib.resources
+import io
 import math
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
+
+from .checkpoint import load_torch_file
 
 __all__ = [
     "MNIST_SPLITS",
     "MNIST_TRAIN_SIZE",
     "MNIST_TEST_SIZE",
     "IDX_DTYPES",
+    "MAX_IDX_DIMS",
+    "MAX_IDX_BYTES",
     "read_idx",
     "load_mnist",
     "load_data",
@@ -66,6 +72,10 @@ IDX_DTYPES: dict[int, np.dtype] = {
 }
 
 _GZIP_MAGIC = b"\x1f\x8b"
+MAX_IDX_DIMS = 16  # IDX allows 255; numpy stops at 64; data sets use 1 (labels) to 4
+MAX_IDX_BYTES = 2**35  # 32 GiB: the largest array an IDX header may declare
+_DEFLATE_MAX_RATIO = 1032  # deflate's largest expansion (258-byte matches in ~2 bits each)
+_READ_CHUNK = 1 << 24  # 16 MiB per read
 _NORMALIZE_HINT = "transforms.Normalize((0.1307,), (0.3081,))"
 
 PathLike = str | os.PathLike
@@ -76,51 +86,92 @@ PathLike = str | os.PathLike
 # --------------------------------------------------------------------------------------------
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The (decompressed) content of ``path``; gzip is detected by its magic bytes, not the suffix."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"IDX file not found: {path}") from None
-    if raw[:2] != _GZIP_MAGIC:
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, gzip.BadGzipFile) as exc:
-        raise ValueError(f"{path}: corrupt or truncated gzip stream ({exc})") from exc
+def _read_full(stream: IO[bytes], n: int) -> bytes:
+    """Up to ``n`` bytes from ``stream`` (fewer only at the end of the data)."""
+    parts, got = [], 0
+    while got < n:
+        part = stream.read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
-def _parse_idx(data: bytes, name: str) -> np.ndarray:
-    """Decode the bytes of an IDX file (see :func:`read_idx`); ``name`` is used in error messages."""
-    if len(data) < 4:
-        raise ValueError(f"{name}: too short to be an IDX file ({len(data)} bytes, the header alone is 4+)")
-    if data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
+def _read_idx_stream(
+    stream: IO[bytes], name: str, *, file_size: int | None = None, gzip_size: int | None = None
+) -> np.ndarray:
+    """Decode an IDX file from ``stream`` (see :func:`read_idx`); ``name`` is used in error messages.
+
+    The header is read and checked first: the magic number, at most :data:`MAX_IDX_DIMS`
+    dimensions, a declared size ``prod(shape) * itemsize`` of at most :data:`MAX_IDX_BYTES`.  For a
+    raw file (``file_size`` given) the size must then equal ``header + data`` exactly, checked
+    before any data is read.  For a gzip stream (``gzip_size``, the compressed size) the declared
+    size must be reachable (deflate expands at most :data:`_DEFLATE_MAX_RATIO`-fold), exactly the
+    declared bytes are inflated, and one more byte is asked for to detect trailing data: never more
+    than ``declared + 1`` bytes are inflated, whatever the stream holds.
+    """
+    magic = _read_full(stream, 4)
+    if len(magic) < 4:
+        raise ValueError(f"{name}: too short to be an IDX file ({len(magic)} bytes, the header alone is 4+)")
+    if magic[0] != 0 or magic[1] != 0 or magic[2] not in IDX_DTYPES:
         raise ValueError(
-            f"{name}: bad IDX magic number 0x{data[:4].hex()}; expected 0x0000TTDD with type code TT in "
+            f"{name}: bad IDX magic number 0x{magic.hex()}; expected 0x0000TTDD with type code TT in "
             f"{{{', '.join(f'0x{code:02x}' for code in IDX_DTYPES)}}} and DD the number of dimensions "
             "(e.g. 0x00000803 for uint8 images, 0x00000801 for uint8 labels)"
         )
-    dtype = IDX_DTYPES[data[2]]
-    ndim = data[3]
+    dtype = IDX_DTYPES[magic[2]]
+    ndim = magic[3]
     if ndim == 0:
         raise ValueError(f"{name}: IDX header declares 0 dimensions")
+    if ndim > MAX_IDX_DIMS:
+        raise ValueError(
+            f"{name}: IDX header declares {ndim} dimensions; at most {MAX_IDX_DIMS} are supported "
+            "(images have 3, labels 1): not an IDX file, or a corrupt one"
+        )
     header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{name}: truncated IDX header ({len(data)} bytes, need {header} for {ndim} dims)")
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header + math.prod(shape) * dtype.itemsize
-    if len(data) < expected:
+    dims = _read_full(stream, 4 * ndim)
+    if len(dims) < 4 * ndim:
         raise ValueError(
-            f"{name}: truncated IDX file: header declares shape {shape} of {dtype.name} "
-            f"({expected} bytes in all) but the file holds {len(data)} bytes"
+            f"{name}: truncated IDX header ({4 + len(dims)} bytes, need {header} for {ndim} dims)"
         )
-    if len(data) > expected:
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+    nbytes = math.prod(shape) * dtype.itemsize
+    expected = header + nbytes
+    declared = f"header declares shape {shape} of {dtype.name} ({expected} bytes in all)"
+    if nbytes > MAX_IDX_BYTES:
         raise ValueError(
-            f"{name}: IDX file has {len(data) - expected} unexpected trailing bytes after the "
-            f"{shape} {dtype.name} array (expected {expected} bytes in all, found {len(data)})"
+            f"{name}: IDX {declared}, more than the bound MAX_IDX_BYTES={MAX_IDX_BYTES} "
+            f"({MAX_IDX_BYTES / 2**30:.0f} GiB); not loading it"
         )
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
-    return array.astype(dtype.newbyteorder("="))  # native byte order, writable copy
+    if file_size is not None and file_size < expected:
+        raise ValueError(f"{name}: truncated IDX file: {declared} but the file holds {file_size} bytes")
+    if file_size is not None and file_size > expected:
+        raise ValueError(
+            f"{name}: IDX file has {file_size - expected} unexpected trailing bytes after the "
+            f"{shape} {dtype.name} array (expected {expected} bytes in all, found {file_size})"
+        )
+    if gzip_size is not None and expected > _DEFLATE_MAX_RATIO * gzip_size:
+        raise ValueError(
+            f"{name}: truncated IDX file: {declared} but a gzip file of {gzip_size} bytes inflates to "
+            f"at most {_DEFLATE_MAX_RATIO * gzip_size} bytes"
+        )
+    buf = np.empty(nbytes, dtype=np.uint8)  # filled below, all of it, or refused
+    view, got = memoryview(buf), 0
+    while got < nbytes:
+        n = stream.readinto(view[got : got + _READ_CHUNK])
+        if not n:
+            raise ValueError(
+                f"{name}: truncated IDX file: {declared} but the file holds {header + got} bytes"
+            )
+        got += n
+    if stream.read(1):
+        raise ValueError(
+            f"{name}: IDX file has unexpected trailing bytes after the {shape} {dtype.name} array "
+            f"(expected {expected} bytes in all; reading stopped there)"
+        )
+    array = buf.view(dtype).reshape(shape)
+    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))  # native, writable
 
 
 def read_idx(path: PathLike) -> np.ndarray:
@@ -133,10 +184,27 @@ def read_idx(path: PathLike) -> np.ndarray:
     uint8: labels).  Gzip is recognised by its magic bytes, whatever the file name.
 
     Returns a writable array in native byte order.  Raises ``ValueError`` naming the file when
-    the magic number is wrong or the size does not match the header (truncated or padded file).
+    the magic number is wrong, the header is absurd (more than :data:`MAX_IDX_DIMS` dimensions, more
+    than :data:`MAX_IDX_BYTES` bytes) or the size does not match the header (truncated or padded
+    file).  The header is read first and a gzip file is never inflated past the declared size
+    (plus one byte, to see trailing data): a small file cannot make it allocate gigabytes.
     """
     path = Path(path)
-    return _parse_idx(_read_bytes(path), str(path))
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"IDX file not found: {path}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if f.read(2) != _GZIP_MAGIC:
+            f.seek(0)
+            return _read_idx_stream(f, str(path), file_size=size)
+        f.seek(0)
+        try:
+            with gzip.GzipFile(fileobj=f, mode="rb") as stream:
+                return _read_idx_stream(stream, str(path), gzip_size=size)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise ValueError(f"{path}: corrupt or truncated gzip stream ({exc})") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +237,8 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
                 f"{resource}: MD5 mismatch (expected {expected[fname]}, got {digest}); the embedded "
                 "MNIST file is corrupted, reinstall fastvae"
             )
-        array = _parse_idx(gzip.decompress(raw), str(resource))
+        with gzip.GzipFile(fileobj=io.BytesIO(raw), mode="rb") as stream:
+            array = _read_idx_stream(stream, str(resource), gzip_size=len(raw))
         array.flags.writeable = False
         arrays.append(array)
     images, labels = arrays
@@ -225,6 +294,8 @@ def check_unit_range(x: torch.Tensor | np.ndarray, name: str = "data") -> None:
         )
     if t.numel() == 0:
         return
+    if t.device.type == "meta":  # shapes only: nothing to check, and nothing to train on
+        raise ValueError(f"{name} is a meta tensor (shape {list(t.shape)}, no data); load the values first")
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         n_bad = int((~finite).sum())
@@ -383,7 +454,7 @@ def _load_labels_source(labels: Any) -> Any:
                 raise KeyError(f"{path}: no labels array (keys {_LABEL_KEYS}) in {sorted(archive.files)}")
             return found
     if suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch_file(path, what="labels file")
         if isinstance(obj, dict):
             found = _pick(obj, _LABEL_KEYS)
             if found is None:
@@ -412,7 +483,8 @@ def load_data(
     * ``.npy`` (images only), ``.npz`` (images under ``x``/``images``/``data``/``arr_0``,
       optional labels under ``y``/``labels``/``targets``/``arr_1``), ``.pt``/``.pth`` (a tensor,
       an ``(images, labels)`` tuple, or a dict with the same keys as ``.npz``; loaded with
-      ``torch.load(weights_only=True)``);
+      ``torch.load(weights_only=True)``: a file holding pickled Python objects is refused in one
+      line, and no code in it runs);
     * a ``torch.Tensor`` or ``numpy`` array.
 
     ``labels`` (a tensor, array or path to a labels file) overrides any labels found with the
@@ -453,7 +525,7 @@ def load_data(
                     )
                 found_labels = _pick(archive, _LABEL_KEYS)
         elif suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_torch_file(path, what="data file")
             if isinstance(obj, torch.Tensor):
                 images = obj
             elif isinstance(obj, tuple | list) and 1 <= len(obj) <= 2:

@@ -30,7 +30,14 @@ from torch import nn
 
 from .ops import reparameterize
 
-__all__ = ["VAEBase", "MLPVAE", "ConvVAE", "build_model", "MODELS"]
+__all__ = ["VAEBase", "MLPVAE", "ConvVAE", "build_model", "MODELS", "MAX_PARAMETERS", "MAX_LAYERS"]
+
+# Bounds checked before any layer is allocated, so that a config from an untrusted checkpoint
+# (e.g. ``hidden: [400000000]``: 6.5e11 parameters, 2.6 TB of float32) is refused in one line instead
+# of exhausting memory.  10**9 parameters are 4 GB of float32 weights (16 GB with Adam's two moments
+# and the gradient); the reference models have 6.5e5 (MLP) and 1.3e5 (conv).
+MAX_PARAMETERS = 10**9
+MAX_LAYERS = 64  # hidden layers (MLP) or stride-2 stages (conv)
 
 
 class VAEBase(nn.Module):
@@ -145,6 +152,24 @@ def _check_latent_size(latent: int) -> int:
     return int(latent)
 
 
+def _check_size(kind: str, n_params: int, layers: int, desc: str) -> None:
+    """Refuse a model with more than :data:`MAX_PARAMETERS` parameters or :data:`MAX_LAYERS` layers."""
+    if layers > MAX_LAYERS:
+        raise ValueError(
+            f"{kind} config has {layers} hidden layers, more than the bound MAX_LAYERS={MAX_LAYERS}"
+        )
+    if n_params > MAX_PARAMETERS:
+        raise ValueError(
+            f"{kind} {desc} would have {n_params:.3g} parameters ({4 * n_params / 1e9:.3g} GB of float32), "
+            f"more than the bound MAX_PARAMETERS={MAX_PARAMETERS:.0e}; refusing to allocate it"
+        )
+
+
+def _linear_parameters(widths: Sequence[int]) -> int:
+    """Parameters of ``Linear(w0, w1), Linear(w1, w2), ...``: ``sum(a * b + b)`` (weight and bias)."""
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+
+
 class MLPVAE(VAEBase):
     """Fully connected VAE; the defaults are pytorch/examples' ``vae/main.py`` model.
 
@@ -167,6 +192,12 @@ class MLPVAE(VAEBase):
             raise ValueError("in_shape must have at least one dimension, e.g. (1, 28, 28) or (784,)")
         self.hidden = _positive_ints(hidden, "hidden") if hidden else ()
         self.latent = _check_latent_size(latent)
+        _check_size(
+            "MLPVAE",
+            self.num_parameters(self.in_shape, self.hidden, self.latent),
+            len(self.hidden),
+            f"in_shape={self.in_shape} hidden={self.hidden} latent={self.latent}",
+        )
 
         widths = [self.n_features, *self.hidden]
         enc: list[nn.Module] = []
@@ -183,6 +214,19 @@ class MLPVAE(VAEBase):
             if i < len(widths_dec) - 2:
                 dec.append(nn.ReLU())
         self.decoder = nn.Sequential(*dec)
+
+    @staticmethod
+    def num_parameters(in_shape: Sequence[int], hidden: Sequence[int], latent: int) -> int:
+        """Parameter count, computed without building: encoder ``F -> h1 -> ... -> hk``, two heads
+        ``hk -> latent``, decoder ``latent -> hk -> ... -> h1 -> F`` (``F = prod(in_shape)``), each
+        ``Linear(a, b)`` holding ``a * b + b``."""
+        f = math.prod(in_shape)
+        enc = [f, *hidden]
+        return (
+            _linear_parameters(enc)
+            + 2 * _linear_parameters([enc[-1], latent])
+            + _linear_parameters([latent, *reversed(hidden), f])
+        )
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x.reshape(x.shape[0], -1))
@@ -229,12 +273,20 @@ class ConvVAE(VAEBase):
             )
         c, h, w = self.in_shape
         channels, dense = self.hidden[:-1], self.hidden[-1]
+        if len(channels) > MAX_LAYERS:
+            _check_size("ConvVAE", 0, len(channels), f"hidden={self.hidden}")
         factor = 2 ** len(channels)
         if h % factor or w % factor:
             raise ValueError(
                 f"ConvVAE with {len(channels)} stride-2 stages needs H and W divisible by {factor}, "
                 f"got in_shape={self.in_shape}"
             )
+        _check_size(
+            "ConvVAE",
+            self.num_parameters(self.in_shape, self.hidden, self.latent),
+            len(channels),
+            f"in_shape={self.in_shape} hidden={self.hidden} latent={self.latent}",
+        )
         self._bottleneck = (channels[-1], h // factor, w // factor)
         flat = math.prod(self._bottleneck)
 
@@ -254,6 +306,26 @@ class ConvVAE(VAEBase):
         dec.append(nn.ConvTranspose2d(rev[-1], c, 3, padding=1))
         self.decoder = nn.Sequential(*dec)
 
+    @staticmethod
+    def num_parameters(in_shape: Sequence[int], hidden: Sequence[int], latent: int) -> int:
+        """Parameter count, computed without building (``in_shape = (C, H, W)``, ``hidden`` as above).
+
+        A 3x3 (transposed) convolution ``a -> b`` holds ``9 a b + b``; with ``k`` stages the
+        bottleneck is ``flat = c_k * (H / 2^k) * (W / 2^k)``.  Encoder convs ``C -> c_1 -> ... -> c_k``,
+        ``Linear(flat, dense)``, two heads ``Linear(dense, latent)``, ``Linear(latent, flat)``, decoder
+        convs ``c_k -> c_k -> c_{k-1} -> ... -> c_1`` and ``c_1 -> C``.
+        """
+        c, h, w = in_shape
+        channels, dense = tuple(hidden[:-1]), hidden[-1]
+        factor = 2 ** len(channels)
+        flat = channels[-1] * (h // factor) * (w // factor)
+        conv = lambda a, b: 9 * a * b + b  # noqa: E731
+        rev = tuple(reversed(channels))
+        enc = sum(conv(a, b) for a, b in zip((c, *channels[:-1]), channels, strict=True))
+        dec = sum(conv(a, b) for a, b in zip((rev[0], *rev[:-1]), rev, strict=True)) + conv(rev[-1], c)
+        heads = 2 * _linear_parameters([dense, latent])
+        return enc + _linear_parameters([flat, dense]) + heads + _linear_parameters([latent, flat]) + dec
+
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
         return self.fc_mu(h), self.fc_logvar(h)
@@ -272,8 +344,10 @@ def build_model(config: dict[str, Any]) -> VAEBase:
     """Rebuild a model from ``model.config()``: ``{"model": "mlp"|"conv", "in_shape", "latent", "hidden"}``.
 
     ``in_shape``, ``latent`` and ``hidden`` are optional (the class defaults apply); unknown
-    keys are refused so that a typo does not silently fall back to a default.  The returned
-    model has freshly initialised weights: load the state dict separately.
+    keys are refused so that a typo does not silently fall back to a default.  A config of more
+    than :data:`MAX_PARAMETERS` parameters or :data:`MAX_LAYERS` layers is refused (``ValueError``)
+    before anything is allocated.  The returned model has freshly initialised weights: load the
+    state dict separately.
     """
     if not isinstance(config, dict) or "model" not in config:
         raise ValueError(f"config must be a dict with a 'model' key ({sorted(MODELS)}), got {config!r}")
@@ -287,5 +361,7 @@ def build_model(config: dict[str, Any]) -> VAEBase:
     kwargs = {k: config[k] for k in ("in_shape", "latent", "hidden") if k in config}
     for key in ("in_shape", "hidden"):
         if key in kwargs:
+            if not isinstance(kwargs[key], list | tuple):
+                raise ValueError(f"config['{key}'] must be a list of positive integers, got {kwargs[key]!r}")
             kwargs[key] = tuple(kwargs[key])
     return MODELS[kind](**kwargs)

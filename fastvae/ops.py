@@ -1,31 +1,40 @@
-"""The fused ops: validation, torch.library registration (fake + autograd) and the public functions.
+"""The fused ops: validation, the eager fast path, torch.library registration, the public functions.
 
-Three custom ops carry all the work:
+Every public op takes one of three routes, decided per call:
 
-* ``fastvae::reparameterize(mu, logvar, seed) -> z`` and ``fastvae::reparameterize_backward``;
-* ``fastvae::fused_loss(logits?, target?, mu?, logvar?, beta, reduction, recon, need_grad)
-  -> (loss, recon, kl, dlogits, dmu, dlogvar)``: ``vae_loss``, ``bce_with_logits`` and
-  ``kl_divergence`` are this op with one or the other term absent;
-* ``fastvae::scale_grads_``: the backward of ``fused_loss``, an in-place multiply by the incoming
-  gradient that moves no bytes when that gradient is 1.
+* **eager** (the common case): cheap validation, then a ``torch.autograd.Function`` that calls the
+  backend's launcher directly -- about one launch of host time per op;
+* **compiled** (``torch.compiler.is_compiling()``): the ``torch.library`` custom ops below
+  (``fastvae::fused_loss``, ``fastvae::reparameterize``, ``fastvae::draw_key``, ...), with fake
+  implementations and autograd formulas, so ``torch.compile(fullgraph=True)``, ``opcheck`` and fake
+  tensors work;
+* **functorch** (inside ``torch.func.grad`` / ``vmap`` / ``jvp``): the same math written with plain
+  differentiable torch operations (``fastvae.kernels.composite``), which every transform supports.
 
-Each op runs on the backend picked per call (see :func:`backend_for`): Triton on CUDA tensors
-(and on CPU tensors under ``TRITON_INTERPRET=1``), Numba on CPU tensors, a plain composite torch
-implementation anywhere, or CuPy on CUDA tensors.
+Gradients of the fused loss are computed during its forward (the loss is the last node of a VAE's
+graph); the backward only multiplies them by the incoming gradient.  A backward that builds a graph
+(``create_graph=True``) instead evaluates the closed-form gradients with differentiable torch
+operations, so second derivatives are the true ones, never silently zero.
+
+Each op runs on the backend picked per call (:func:`backend_for`): Triton on CUDA tensors (and on
+CPU tensors under ``TRITON_INTERPRET=1``), Numba on CPU tensors, plain composite torch anywhere, or
+CuPy on CUDA tensors -- all behind the contract of :mod:`fastvae.backend`, on the tensors' device.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from fastvae.reference import REDUCTIONS
+from fastvae.backend import RECON_NONE, RECONS, REDUCE_MEAN, REDUCTIONS, Key, LossProblem
 
 __all__ = [
     "BACKENDS",
@@ -39,9 +48,11 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "triton", "numba", "torch", "cupy")
-RECONS = ("bce", "mse")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOATS = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+_TARGETS = _FLOATS | {torch.uint8}
 _SEED_LIMIT = 2**63
+_KEY_LIMIT = 2**62  # keys drawn from torch's generator: [0, 2**62)
+_RECON_NAMES = ("bce", "mse")
 
 # ----------------------------------------------------------------------------------------------
 # Backends
@@ -75,9 +86,9 @@ def backend_for(device: torch.device) -> str:
     first imported); that is how the kernels are tested without a GPU.
     """
     name = _forced_backend or os.environ.get("FASTVAE_BACKEND", "auto").strip().lower() or "auto"
-    _check_backend_name(name, "FASTVAE_BACKEND")
     if name == "auto":
         return "triton" if device.type == "cuda" else "numba"
+    _check_backend_name(name, "FASTVAE_BACKEND")
     if name == "numba" and device.type != "cpu":
         raise ValueError(f"the numba backend runs on CPU tensors only; got tensors on {device}")
     if name == "cupy" and device.type != "cuda":
@@ -85,82 +96,163 @@ def backend_for(device: torch.device) -> str:
     return name
 
 
-class _Kernels(NamedTuple):
-    fused_loss: object
-    scale_rows_: object
-    reparameterize: object
-    reparameterize_backward: object
+def _check_triton_on_cpu() -> None:
+    """Triton on CPU tensors is the interpreter; it must be on before the kernels are imported.
 
-
-_loaded: dict[str, _Kernels] = {}
-
-
-def _kernels(device: torch.device) -> _Kernels:
-    name = backend_for(device)
-    if name == "triton" and device.type == "cpu":
-        if not torch.cuda.is_available():
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the @triton.jit decorators run
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                "the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before fastvae's kernels are "
-                "imported (this machine has a GPU, so it is not set automatically)"
-            )
-    if name not in _loaded:
-        if name == "triton":
-            loss_mod = importlib.import_module("fastvae.kernels.fused_loss")
-            rep_mod = importlib.import_module("fastvae.kernels.reparameterize")
-        elif name == "cupy":
-            loss_mod = rep_mod = importlib.import_module("fastvae.cupy").torch_kernels()
-        else:
-            loss_mod = rep_mod = importlib.import_module(
-                {"numba": "fastvae.kernels.numba_cpu", "torch": "fastvae.kernels.composite"}[name]
-            )
-        _loaded[name] = _Kernels(
-            loss_mod.fused_loss, loss_mod.scale_rows_, rep_mod.reparameterize, rep_mod.reparameterize_backward
+    (``bench/hosttime.py`` replaces this check to time the CUDA code path against a stubbed driver.)
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the @triton.jit decorators run
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "the triton backend on CPU tensors needs TRITON_INTERPRET=1 set before fastvae's kernels are "
+            "imported (this machine has a GPU, so it is not set automatically)"
         )
-    return _loaded[name]
+
+
+def _load_backend(name: str) -> SimpleNamespace:
+    """The four functions of :class:`fastvae.backend.Backend` for one backend (imported on first use)."""
+    if name == "triton":
+        loss = importlib.import_module("fastvae.kernels.fused_loss")
+        rep = importlib.import_module("fastvae.kernels.reparameterize")
+    else:
+        module = {
+            "numba": "fastvae.kernels.numba_cpu",
+            "torch": "fastvae.kernels.composite",
+            "cupy": "fastvae.kernels.cupy_launch",
+        }[name]
+        loss = rep = importlib.import_module(module)
+    return SimpleNamespace(
+        fused_loss=loss.fused_loss,
+        scale_grads_=loss.scale_grads_,
+        reparameterize=rep.reparameterize,
+        reparameterize_backward=rep.reparameterize_backward,
+    )
+
+
+_loaded: dict[str, SimpleNamespace] = {}
+
+
+def _backend(device: torch.device) -> SimpleNamespace:
+    name = backend_for(device)
+    kernels = _loaded.get(name)
+    if kernels is None:
+        if name == "triton" and device.type == "cpu":
+            _check_triton_on_cpu()
+        kernels = _loaded[name] = _load_backend(name)
+    elif name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        _check_triton_on_cpu()
+    return kernels
+
+
+_NO_GUARD = contextlib.nullcontext()  # reusable
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on ``device``: Triton and CuPy launch on the *current* CUDA device and its current stream."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _NO_GUARD
+
+
+def _functorch_active() -> bool:
+    """Inside a torch.func transform (grad, vmap, jvp): the kernels cannot see through its wrappers."""
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops: the real kernels, their fake (meta) versions and their autograd formulas
+# Random keys: eps[i] = randn(key, offset + i)  (the RNG contract, fastvae.backend)
+# ----------------------------------------------------------------------------------------------
+
+
+def _draw_key(device: torch.device) -> Tensor:
+    """A fresh 62-bit key drawn on ``device`` from torch's generator for that device.
+
+    It stays on the device and is read by the kernel, so nothing is read on the host: inside a
+    captured CUDA graph torch's generator advances on every replay, and so does the key.
+    """
+    return torch.randint(0, _KEY_LIMIT, (1,), device=device, dtype=torch.int64)
+
+
+@torch.library.custom_op("fastvae::draw_key", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _draw_key_op(like: Tensor) -> Tensor:
+    """:func:`_draw_key` as an opaque op: compiled code draws from torch's generator exactly as eager
+    code does (inductor would otherwise substitute its own random numbers), and is never CSE'd."""
+    return _draw_key(like.device)
+
+
+@_draw_key_op.register_fake
+def _(like: Tensor) -> Tensor:
+    return like.new_empty((1,), dtype=torch.int64)
+
+
+def _kernel_key(key: Tensor, device: torch.device) -> Key:
+    # An explicit seed reaches the compiled path as a CPU scalar tensor: free to read on the host.
+    return int(key) if key.device.type == "cpu" and device.type != "cpu" else key
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (the compiled route): kernels, fake versions, autograd formulas
 # ----------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("fastvae::reparameterize", mutates_args=())
-def _reparameterize_op(mu: Tensor, logvar: Tensor, seed: Tensor) -> Tensor:
-    return _kernels(mu.device).reparameterize(mu, logvar, int(seed))
+def _reparameterize_op(mu: Tensor, logvar: Tensor, key: Tensor, offset: int) -> Tensor:
+    with _on(mu.device):
+        return _backend(mu.device).reparameterize(mu, logvar, _kernel_key(key, mu.device), offset)
 
 
 @_reparameterize_op.register_fake
-def _(mu: Tensor, logvar: Tensor, seed: Tensor) -> Tensor:
+def _(mu: Tensor, logvar: Tensor, key: Tensor, offset: int) -> Tensor:
     return torch.empty_like(mu, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fastvae::reparameterize_backward", mutates_args=())
-def _reparameterize_backward_op(dz: Tensor, logvar: Tensor, seed: Tensor) -> Tensor:
-    return _kernels(dz.device).reparameterize_backward(dz, logvar, int(seed))
+def _reparameterize_backward_op(dz: Tensor, logvar: Tensor, key: Tensor, offset: int) -> Tensor:
+    with _on(dz.device):
+        return _backend(dz.device).reparameterize_backward(dz, logvar, _kernel_key(key, dz.device), offset)
 
 
 @_reparameterize_backward_op.register_fake
-def _(dz: Tensor, logvar: Tensor, seed: Tensor) -> Tensor:
+def _(dz: Tensor, logvar: Tensor, key: Tensor, offset: int) -> Tensor:
     return torch.empty_like(dz, memory_format=torch.contiguous_format)
 
 
 def _reparameterize_setup(ctx, inputs, output) -> None:
-    _, logvar, seed = inputs
-    ctx.save_for_backward(logvar, seed)
+    _, logvar, key, offset = inputs
+    ctx.save_for_backward(logvar, key)
+    ctx.offset = offset
 
 
 def _reparameterize_grad(ctx, dz: Tensor):
-    # dz/dmu = 1;  dz/dlogvar = exp(logvar / 2) * eps / 2, with eps replayed from the seed.
-    logvar, seed = ctx.saved_tensors
+    logvar, key = ctx.saved_tensors
     dlogvar = None
     if ctx.needs_input_grad[1]:
-        dlogvar = _reparameterize_backward_op(dz.contiguous(), logvar, seed)
-    return dz, dlogvar, None
+        dlogvar = _reparameterize_backward_op(dz.contiguous(), logvar, key, ctx.offset)
+    return dz, dlogvar, None, None
 
 
 _reparameterize_op.register_autograd(_reparameterize_grad, setup_context=_reparameterize_setup)
+
+
+def _problem(
+    logits: Tensor | None, mu: Tensor | None, beta: float, reduction: str, recon: str, need_grad: bool
+) -> LossProblem:
+    """Everything a backend needs besides the tensors, resolved once (the backends' shared prologue)."""
+    ref = logits if logits is not None else mu
+    B = ref.shape[0]
+    red = REDUCTIONS[reduction]
+    return LossProblem(
+        B=B,
+        F=logits.shape[1] if logits is not None else 0,
+        D=mu.shape[1] if mu is not None else 0,
+        recon=RECONS[recon] if logits is not None else RECON_NONE,
+        reduction=red,
+        beta=beta,
+        grad_scale=1.0 / B if red == REDUCE_MEAN else 1.0,
+        need_grad=need_grad,
+        acc=torch.float64 if ref.dtype == torch.float64 else torch.float32,
+    )
 
 
 @torch.library.custom_op("fastvae::fused_loss", mutates_args=())
@@ -174,8 +266,15 @@ def _fused_loss_op(
     recon: str,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    p = _problem(logits, mu, beta, reduction, recon, need_grad)
     device = (logits if logits is not None else mu).device
-    return _kernels(device).fused_loss(logits, target, mu, logvar, beta, reduction, recon, need_grad)
+    with _on(device):
+        out = _backend(device).fused_loss(p, logits, target, mu, logvar)
+    # A backend may return loss/recon/kl as views of one buffer; a custom op's outputs may not alias.
+    terms = out[:3]
+    if len({t.untyped_storage().data_ptr() for t in terms}) < 3:
+        terms = tuple(t.clone() for t in terms)
+    return (*terms, *out[3:])
 
 
 @_fused_loss_op.register_fake
@@ -194,7 +293,8 @@ def _(logits, target, mu, logvar, beta, reduction, recon, need_grad):
 @torch.library.custom_op("fastvae::scale_grads_", mutates_args=("dlogits", "dmu", "dlogvar"))
 def _scale_grads_op(grad: Tensor, dlogits: Tensor, dmu: Tensor, dlogvar: Tensor) -> None:
     """dlogits, dmu, dlogvar *= grad in place (grad is a scalar, or [B] for reduction "none")."""
-    _kernels(grad.device).scale_rows_(grad, dlogits, dmu, dlogvar)
+    with _on(grad.device):
+        _backend(grad.device).scale_grads_(grad, dlogits, dmu, dlogvar)
 
 
 @_scale_grads_op.register_fake
@@ -205,42 +305,125 @@ def _(grad, dlogits, dmu, dlogvar) -> None:
 def _fused_loss_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*output[1:])  # only the loss carries a gradient
     ctx.set_materialize_grads(False)  # no zero-filled [B, F] gradients for the unused outputs
-    # The gradient buffers are kept as plain attributes, not saved tensors: the backward scales them
-    # in place, which a saved tensor's version check would refuse.  The inputs (references, as
-    # BCE-with-logits itself keeps) serve a rare second backward through the same graph.
+    # The gradient buffers are plain attributes, not saved tensors: the first backward scales them in
+    # place, which a saved tensor's version check would refuse.
     ctx.grads = output[3:]
     ctx.save_for_backward(*inputs[:4])
-    ctx.options = inputs[4:7]
-    ctx.has_logits, ctx.has_kl = inputs[0] is not None, inputs[2] is not None
+    ctx.problem = _problem(inputs[0], inputs[2], *inputs[4:7], True)
     ctx.consumed = False
 
 
-def _fused_loss_grad(ctx, grad_loss: Tensor, *unused):
-    # The forward stored d(loss)/d(inputs) for an incoming gradient of 1: the chain rule only multiplies
-    # by the real one.  The first eager backward does it in place on buffers nobody else holds (no
-    # bytes move when the gradient is 1).  Traced graphs must not mutate saved forward outputs, and a
-    # second backward (retain_graph=True, gradcheck) finds the buffers already handed out, so those
-    # multiply out of place, the latter after recomputing the gradients from the saved inputs.
-    if grad_loss is None:
-        return (None,) * 8
-    dlogits, dmu, dlogvar = ctx.grads
-    inputs = ctx.saved_tensors
-    traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
-    if ctx.consumed and not traced:
-        dlogits, dmu, dlogvar = _fused_loss_op(*inputs, *ctx.options, True)[3:]
-    if traced or ctx.consumed:
-        g = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
-        dlogits, dmu, dlogvar = ((t * g).to(t.dtype) if t.numel() else t for t in (dlogits, dmu, dlogvar))
-    else:
-        ctx.consumed = True
-        # On CPU reading the gradient is free: skip even the dispatch in the common case of 1.
-        if not (grad_loss.device.type == "cpu" and grad_loss.dim() == 0 and grad_loss.item() == 1.0):
-            _scale_grads_op(grad_loss.detach(), dlogits, dmu, dlogvar)
-    grads = (dlogits if ctx.has_logits else None, None) + ((dmu, dlogvar) if ctx.has_kl else (None, None))
-    return grads + (None,) * 4
+def _fused_loss_grad(ctx, grad_loss: Tensor | None, *unused):
+    return _loss_backward(ctx, grad_loss) + (None,) * 4
 
 
 _fused_loss_op.register_autograd(_fused_loss_grad, setup_context=_fused_loss_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# The eager route: autograd.Functions that call the launchers directly
+# ----------------------------------------------------------------------------------------------
+
+
+def _loss_backward(ctx, g: Tensor | None) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
+    """d(loss)/d(logits, target, mu, logvar) from the gradients the forward stored (for g = 1).
+
+    * first plain backward: multiply in place (no bytes move where g == 1; on the CPU, where reading
+      g is free, not even a call);
+    * traced (torch.compile) or a second backward through the same graph (``retain_graph``): out of
+      place, the latter from gradients recomputed with the saved inputs;
+    * a backward that builds a graph (``create_graph=True``): the closed forms in differentiable torch
+      operations, so that the second derivatives are right.
+    """
+    if g is None:
+        return None, None, None, None
+    logits, target, mu, logvar = ctx.saved_tensors
+    p = ctx.problem
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        from fastvae.kernels import composite
+
+        gx, gmu, glv = composite.loss_gradients(p, logits, target, mu, logvar, g)
+        return gx, None, gmu, glv
+    traced = torch.compiler.is_compiling() or type(g) is not Tensor
+    kernels = getattr(ctx, "kernels", None) or _backend(g.device)  # the forward's backend
+    second = ctx.consumed and not traced
+    if second:  # a second backward: the first one handed the buffers over
+        with _on(g.device):
+            dlogits, dmu, dlogvar = kernels.fused_loss(p, logits, target, mu, logvar)[3:]
+    else:
+        dlogits, dmu, dlogvar = ctx.grads
+        ctx.grads = None  # hand the buffers over: a reference kept here makes autograd copy them into .grad
+        ctx.consumed = True
+    if traced or second:
+        gg = g.reshape(-1, 1) if g.dim() == 1 else g
+        dlogits, dmu, dlogvar = ((t * gg).to(t.dtype) if t.numel() else t for t in (dlogits, dmu, dlogvar))
+    elif not (g.device.type == "cpu" and g.dim() == 0 and g.item() == 1.0):
+        with _on(g.device):
+            kernels.scale_grads_(g.detach(), dlogits, dmu, dlogvar)
+    return (
+        dlogits if logits is not None else None,
+        None,
+        dmu if mu is not None else None,
+        dlogvar if mu is not None else None,
+    )
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Eager ``fastvae::fused_loss``: (logits, target, mu, logvar) -> (loss, recon, kl)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, mu, logvar, p: LossProblem, kernels, device):
+        with _on(device):
+            loss, rec, kl, dlogits, dmu, dlogvar = kernels.fused_loss(p, logits, target, mu, logvar)
+        ctx.mark_non_differentiable(rec, kl)
+        ctx.set_materialize_grads(False)
+        ctx.grads = (dlogits, dmu, dlogvar)
+        ctx.kernels = kernels
+        ctx.save_for_backward(logits, target, mu, logvar)
+        ctx.problem = p._replace(need_grad=True)
+        ctx.consumed = False
+        return loss, rec, kl
+
+    @staticmethod
+    def backward(ctx, g, _rec, _kl):
+        return _loss_backward(ctx, g) + (None, None, None)
+
+
+def _reparameterize_grad_eager(ctx, dz: Tensor) -> tuple[Tensor, Tensor | None]:
+    logvar = ctx.saved_tensors[0]
+    key = ctx.key if ctx.key_tensor is None else ctx.saved_tensors[1]
+    if not ctx.needs_input_grad[1]:
+        return dz, None
+    if torch.is_grad_enabled():
+        # create_graph: dlogvar = 0.5 dz exp(logvar/2) eps as differentiable operations (eps from the
+        # kernel: mu = 0, logvar = 0 gives z = eps), so that higher derivatives are the true ones.
+        zeros = torch.zeros_like(logvar, memory_format=torch.contiguous_format)
+        with torch.no_grad(), _on(dz.device):
+            eps = ctx.kernels.reparameterize(zeros, zeros, key, ctx.offset)
+        return dz, 0.5 * dz * torch.exp(0.5 * logvar) * eps
+    with _on(dz.device):
+        return dz, ctx.kernels.reparameterize_backward(dz.contiguous(), logvar, key, ctx.offset)
+
+
+class _Reparameterize(torch.autograd.Function):
+    """Eager ``fastvae::reparameterize``: z = mu + exp(logvar / 2) * eps, eps replayed in the backward."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, key, offset: int, kernels, device):
+        with _on(device):
+            z = kernels.reparameterize(mu, logvar, key, offset)
+        ctx.kernels, ctx.offset = kernels, offset
+        if isinstance(key, Tensor):
+            ctx.key, ctx.key_tensor = None, True
+            ctx.save_for_backward(logvar, key)
+        else:
+            ctx.key, ctx.key_tensor = key, None
+            ctx.save_for_backward(logvar)
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        return _reparameterize_grad_eager(ctx, dz) + (None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,18 +431,18 @@ _fused_loss_op.register_autograd(_fused_loss_grad, setup_context=_fused_loss_set
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_tensor(x: object, name: str, *, allow_uint8: bool = False) -> Tensor:
+def _check_tensor(x: object, name: str, allowed: frozenset = _FLOATS) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    allowed = _FLOATS + ((torch.uint8,) if allow_uint8 else ())
     if x.dtype not in allowed:
-        kinds = "float32, float16, bfloat16 or float64" + (" (or uint8 pixels)" if allow_uint8 else "")
+        kinds = "float32, float16, bfloat16 or float64" + (
+            " (or uint8 pixels)" if allowed is _TARGETS else ""
+        )
         raise TypeError(f"{name} must be a floating-point tensor ({kinds}), got dtype {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{name} must have a batch dimension: shape [B, ...], got a 0-d tensor")
     if x.shape[0] == 0:
         raise ValueError(f"{name} has an empty batch (shape {list(x.shape)}); expected at least one sample")
-    return x
 
 
 def _check_same_device(named: dict[str, Tensor]) -> None:
@@ -269,9 +452,9 @@ def _check_same_device(named: dict[str, Tensor]) -> None:
             raise ValueError(f"{name} is on {x.device} but {first} is on {ref.device}; expected one device")
 
 
-def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+def _check_choice(value: object, name: str, choices: tuple[str, ...] | dict) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def _check_latent(mu: Tensor, logvar: Tensor) -> None:
@@ -285,7 +468,7 @@ def _check_latent(mu: Tensor, logvar: Tensor) -> None:
 
 def _check_pair(logits: Tensor, target: Tensor) -> None:
     _check_tensor(logits, "logits")
-    _check_tensor(target, "target", allow_uint8=True)
+    _check_tensor(target, "target", _TARGETS)
     if target.shape[0] != logits.shape[0]:
         raise ValueError(
             f"target has batch size {target.shape[0]} but logits has {logits.shape[0]}; "
@@ -309,10 +492,13 @@ _RANGE_HINT = (
 
 def _check_target_range(target: Tensor) -> None:
     """Targets of a Bernoulli likelihood are probabilities: refuse values outside [0, 1] (and NaN)."""
-    if target.dtype == torch.uint8:
+    if target.dtype == torch.uint8 or target.numel() == 0 or target.device.type == "meta":
         return
+    compiling = torch.compiler.is_compiling()
+    while not compiling and torch._C._functorch.is_functorch_wrapped_tensor(target):
+        target = torch._C._functorch.get_unwrapped(target)  # under a torch.func transform: check the data
     lo, hi = torch.aminmax(target.detach())
-    if torch.compiler.is_compiling():
+    if compiling:
         # No host-side branch on data in a traced graph: a runtime assert (a RuntimeError) instead.
         message = f"target must lie in [0, 1] for the BCE loss. {_RANGE_HINT}"
         torch._assert_async((lo >= 0) & (hi <= 1), message)
@@ -327,25 +513,40 @@ def _check_target_range(target: Tensor) -> None:
 
 def _rows(x: Tensor) -> Tensor:
     """[B, ...] -> [B, F] with contiguous features (a view when possible, so row-strided slices stay free)."""
+    if x.dim() == 2 and (x.stride(1) == 1 or x.shape[1] <= 1):
+        return x
     x2 = x.reshape(x.shape[0], -1)
     return x2 if x2.stride(1) == 1 or x2.shape[1] <= 1 else x2.contiguous()
-
-
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _resolve_validate(validate: bool | None, device: torch.device) -> bool:
     # The range check reads the target and brings two numbers to the host: free on CPU, a
     # synchronisation on CUDA, so there it is opt-in (fastvae's data loaders check data sets once).
-    return device.type != "cuda" if validate is None else bool(validate)
+    return device.type == "cpu" if validate is None else bool(validate)
 
 
-def _check_beta(beta: float) -> float:
+_BETA_HINT = "beta must be a finite number >= 0 (a float, or a 1-element tensor)"
+
+
+def _check_beta(beta: object) -> float | Tensor:
+    """A float, or a 1-element floating-point tensor (kept a tensor: it may require grad)."""
+    if isinstance(beta, Tensor):
+        if beta.numel() != 1 or not beta.is_floating_point():
+            raise ValueError(f"{_BETA_HINT}; got a tensor of shape {list(beta.shape)} and dtype {beta.dtype}")
+        return beta
+    if isinstance(beta, bool) or not isinstance(beta, int | float):
+        raise TypeError(f"{_BETA_HINT}; got {type(beta).__name__} {beta!r}")
     beta = float(beta)
-    if not (beta >= 0.0 and beta != float("inf")):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    if not (0.0 <= beta < math.inf):
+        raise ValueError(f"{_BETA_HINT}; got {beta}")
     return beta
+
+
+def _beta_value(beta: Tensor) -> float:
+    value = float(beta.detach())  # (on CUDA a synchronisation: pass a float where speed matters)
+    if not (0.0 <= value < math.inf):
+        raise ValueError(f"{_BETA_HINT}; got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,49 +562,99 @@ class VAELossTerms(NamedTuple):
     kl: Tensor
 
 
-def _draw_seed() -> Tensor:
-    # From torch's default CPU generator, so torch.manual_seed makes runs reproducible; kept a
-    # CPU tensor so that torch.compile traces it and no device synchronises.
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
+def _check_seed_offset(seed: object, offset: object) -> None:
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT
+    ):
+        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < _SEED_LIMIT:
+        raise ValueError(f"offset must be an int in [0, 2**63), got {offset!r}")
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, *, seed: int | None = None) -> Tensor:
+def reparameterize(mu: Tensor, logvar: Tensor, *, seed: int | None = None, offset: int = 0) -> Tensor:
     """Sample ``z = mu + exp(0.5 * logvar) * eps`` with ``eps ~ N(0, 1)`` drawn inside the kernel.
 
-    ``eps`` comes from Philox4x32-10 keyed by ``seed`` and each element's flat (C-order) index, so it
-    is never stored, does not depend on block sizes, and is identical on every backend.  With
-    ``seed=None`` a seed is drawn from torch's default generator (``torch.manual_seed`` reproduces it).
+    ``eps[i] = randn(key, offset + i)`` over the flat (C-order) index ``i`` of ``mu``: Philox4x32-10
+    keyed by ``key`` and counted by the element, so eps is never stored, does not depend on block sizes,
+    and is identical on every backend (``fastvae.reference.eps``).  ``key`` is ``seed`` when given;
+    with ``seed=None`` a fresh key is drawn on the tensors' device from torch's generator (so
+    ``torch.manual_seed`` reproduces runs, eager and compiled alike) and read by the kernel on the
+    device: each replay of a captured CUDA graph draws a fresh one.  ``offset`` shifts the counter
+    (e.g. a data-parallel rank takes ``offset = first_row * features`` of a shared key).
 
-    Gradients: ``dmu = dz``, ``dlogvar = 0.5 * dz * (z - mu) = 0.5 * dz * exp(0.5 * logvar) * eps``
-    (eps is regenerated from the seed, which reads less than ``z`` and ``mu`` and loses no bits).
+    Gradients: ``dmu = dz``, ``dlogvar = 0.5 * dz * exp(0.5 * logvar) * eps`` (eps regenerated from the
+    key, which reads less than ``z`` and ``mu`` and loses no bits); higher derivatives are supported.
 
     Args:
         mu, logvar: ``[B, ...]`` tensors of one shape and floating dtype (fp32, fp16, bf16, fp64).
         seed: an integer in ``[0, 2**63)``, or None.
+        offset: an integer in ``[0, 2**63)``.
     Returns:
         ``z``, contiguous, with the shape and dtype of ``mu``.
     """
     _check_latent(mu, logvar)
-    _check_same_device({"mu": mu, "logvar": logvar})
+    if mu.device != logvar.device:
+        _check_same_device({"mu": mu, "logvar": logvar})
     if mu.dtype != logvar.dtype:
         raise TypeError(f"mu and logvar must have the same dtype, got {mu.dtype} and {logvar.dtype}")
-    if seed is None:
-        seed_t = _draw_seed()
-    else:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
-            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
-        seed_t = torch.tensor(seed, dtype=torch.int64)
-    return _reparameterize_op(mu.contiguous(), logvar.contiguous(), seed_t)
+    _check_seed_offset(seed, offset)
+    mu, logvar = mu.contiguous(), logvar.contiguous()
+    device = mu.device
+    if torch.compiler.is_compiling():
+        key = _draw_key_op(mu) if seed is None else torch.tensor(seed, dtype=torch.int64)
+        return _reparameterize_op(mu, logvar, key, offset)
+    key = _draw_key(device) if seed is None else seed
+    if _functorch_active():
+        from fastvae.kernels import composite
+
+        return composite.reparameterize_differentiable(mu, logvar, key, offset)
+    return _Reparameterize.apply(mu, logvar, key, offset, _backend(device), device)
 
 
 def _fused(logits, target, mu, logvar, beta, reduction, recon, validate) -> VAELossTerms:
-    _check_choice(reduction, "reduction", REDUCTIONS)
-    need_grad = _needs_grad(logits, mu, logvar)
+    """The shared body of the three loss functions (arguments already checked)."""
     ref = logits if logits is not None else mu
-    if logits is not None and recon == "bce" and _resolve_validate(validate, ref.device):
+    device = ref.device
+    if logits is not None and recon == "bce" and _resolve_validate(validate, device):
         _check_target_range(target)
-    args = [_rows(x) if x is not None else None for x in (logits, target, mu, logvar)]
-    loss, rec, kl, *_ = _fused_loss_op(*args, beta, reduction, recon, need_grad)
+    beta_t = beta if isinstance(beta, Tensor) else None
+    if beta_t is not None:
+        if torch.compiler.is_compiling() or _functorch_active():
+            return _composite_terms(logits, target, mu, logvar, beta, reduction, recon)
+        beta = _beta_value(beta_t)
+    logits, target = (_rows(logits), _rows(target)) if logits is not None else (None, None)
+    mu, logvar = (_rows(mu), _rows(logvar)) if mu is not None else (None, None)
+    need_grad = torch.is_grad_enabled() and (
+        (logits is not None and logits.requires_grad)
+        or (mu is not None and (mu.requires_grad or logvar.requires_grad))
+    )
+    if torch.compiler.is_compiling():
+        loss, rec, kl, *_ = _fused_loss_op(logits, target, mu, logvar, beta, reduction, recon, need_grad)
+    elif _functorch_active():
+        return _composite_terms(logits, target, mu, logvar, beta, reduction, recon)
+    else:
+        p = _problem(logits, mu, beta, reduction, recon, need_grad)
+        loss, rec, kl = _FusedLoss.apply(logits, target, mu, logvar, p, _backend(device), device)
+    if beta_t is not None and beta_t.requires_grad and mu is not None and torch.is_grad_enabled():
+        # d(loss)/d(beta) = KL.  (beta - beta.detach()) is exactly 0, so the value is unchanged; the KL
+        # factor is the differentiable op, so d2(loss)/d(beta)d(mu, logvar) is right too.
+        kl_diff = _fused(None, None, mu, logvar, 1.0, reduction, "none", False).loss
+        loss = loss + (beta_t - beta_t.detach()).to(loss.dtype) * kl_diff
+    return VAELossTerms(loss, rec.detach(), kl.detach())
+
+
+def _composite_terms(logits, target, mu, logvar, beta, reduction, recon) -> VAELossTerms:
+    from fastvae.kernels import composite
+
+    loss, rec, kl = composite.loss_terms(
+        _rows(logits) if logits is not None else None,
+        _rows(target) if target is not None else None,
+        _rows(mu) if mu is not None else None,
+        _rows(logvar) if logvar is not None else None,
+        beta,
+        REDUCTIONS[reduction],
+        RECONS[recon] if logits is not None else RECON_NONE,
+    )
     return VAELossTerms(loss, rec.detach(), kl.detach())
 
 
@@ -413,7 +664,7 @@ def vae_loss(
     mu: Tensor,
     logvar: Tensor,
     *,
-    beta: float = 1.0,
+    beta: float | Tensor = 1.0,
     reduction: str = "sum",
     recon: str = "bce",
     return_terms: bool = False,
@@ -435,7 +686,8 @@ def vae_loss(
         target: the data, same batch and number of features as ``logits``: floats in [0, 1] for bce,
             or uint8 pixels read as ``t / 255`` inside the kernel.
         mu, logvar: ``[B, ...]`` encoder outputs of one shape.
-        beta: weight of the KL term (beta-VAE; KL warm-up).
+        beta: weight of the KL term (beta-VAE; KL warm-up): a float, or a 1-element tensor, which may
+            require grad (``d loss / d beta`` is the KL term, with its reduction).
         reduction: ``"sum"`` over batch and features (pytorch/examples), ``"mean"`` over the batch of
             per-sample sums (per-sample negative ELBO), ``"none"`` the per-sample vector ``[B]``.
         recon: ``"bce"`` (Bernoulli decoder) or ``"mse"`` (sum of squared errors).
@@ -448,12 +700,15 @@ def vae_loss(
     """
     _check_pair(logits, target)
     _check_latent(mu, logvar)
-    _check_same_device({"logits": logits, "target": target, "mu": mu, "logvar": logvar})
+    device = logits.device
+    if target.device != device or mu.device != device or logvar.device != device:
+        _check_same_device({"logits": logits, "target": target, "mu": mu, "logvar": logvar})
     if mu.shape[0] != logits.shape[0]:
         raise ValueError(
             f"mu has batch size {mu.shape[0]} but logits has {logits.shape[0]}; expected the same"
         )
-    _check_choice(recon, "recon", RECONS)
+    _check_choice(recon, "recon", _RECON_NAMES)
+    _check_choice(reduction, "reduction", REDUCTIONS)
     terms = _fused(logits, target, mu, logvar, _check_beta(beta), reduction, recon, validate)
     return terms if return_terms else terms.loss
 
@@ -468,7 +723,9 @@ def bce_with_logits(
     (read as ``t / 255``).  Reductions and ``validate`` as in :func:`vae_loss`.
     """
     _check_pair(logits, target)
-    _check_same_device({"logits": logits, "target": target})
+    if target.device != logits.device:
+        _check_same_device({"logits": logits, "target": target})
+    _check_choice(reduction, "reduction", REDUCTIONS)
     return _fused(logits, target, None, None, 1.0, reduction, "bce", validate).loss
 
 
@@ -479,5 +736,7 @@ def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "sum") -> Tens
     :func:`vae_loss`.
     """
     _check_latent(mu, logvar)
-    _check_same_device({"mu": mu, "logvar": logvar})
+    if mu.device != logvar.device:
+        _check_same_device({"mu": mu, "logvar": logvar})
+    _check_choice(reduction, "reduction", REDUCTIONS)
     return _fused(None, None, mu, logvar, 1.0, reduction, "none", False).loss

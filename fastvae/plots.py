@@ -28,6 +28,8 @@ import torch
 from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Ellipse
+from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 __all__ = [
@@ -71,7 +73,13 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _save(fig: Figure, path: PathLike) -> Path:
+    """Write ``fig`` as a PNG, creating missing folders; a file where a folder should be is named."""
     path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a directory")
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=_DPI, format="png")
     return path
@@ -308,11 +316,25 @@ def plot_manifold(
 
     ``latent == 2``: the plane itself, ``[-span, span]^2`` in prior units.  ``latent > 2`` (needs
     ``images``): the plane of the first two principal components of the images' latent means,
-    through their centre, ``span`` standard deviations of the means each way.  Cell ``(row i,
-    column j)`` shows ``sigmoid(decode(z_ij))`` with the first axis increasing to the right and the
-    second upwards, like the latent scatter plot.  Returns ``None`` (writes nothing) for a latent of
-    1, for ``latent > 2`` without images, and for outputs that are not images.
+    through their centre (the mean code ``c``; the other ``latent - 2`` directions stay at ``c``),
+    ``span`` standard deviations of the means each way.  Cell ``(row i, column j)`` shows
+    ``sigmoid(decode(z_ij))`` centred on its coordinates, with the first axis increasing to the right
+    and the second upwards, like the latent scatter plot.
+
+    In more than two dimensions the codes of real images lie on a shell away from ``c`` (the norm of
+    a sum of ``latent`` independent parts), so the grid's centre falls where no image is encoded and
+    decodes to a faint blend of digits.  A dashed ellipse marks the points nearer ``c`` than every
+    encoded image, ``||z - c|| < min_i ||mu_i - c||``, and the title gives that distance.
+
+    Returns ``None`` (writes nothing) for a latent of 1, for ``latent > 2`` without images, and for
+    outputs that are not images.
     """
+    fig = _manifold_figure(model, n, span, images)
+    return None if fig is None else _save(fig, path)
+
+
+def _manifold_figure(model: nn.Module, n: int, span: float, images: torch.Tensor | None) -> Figure | None:
+    """The figure of :func:`plot_manifold`, or None when there is no plane to draw."""
     shape = _display_shape(model.in_shape)
     if shape is None or model.latent < 2 or (model.latent > 2 and images is None):
         return None
@@ -320,17 +342,30 @@ def plot_manifold(
         raise ValueError(f"n must be a positive integer, got {n}")
     if not span > 0:
         raise ValueError(f"span must be positive, got {span}")
-    ticks = torch.linspace(-span, span, n, dtype=torch.float64)
+    ticks = (
+        torch.linspace(-span, span, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    )
     ys, xs = torch.meshgrid(ticks.flip(0), ticks, indexing="ij")
     plane = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)  # [n*n, 2]
+    hole = None
     if model.latent == 2:
         z, labels = plane, ["z[0]", "z[1]"]
         title = f"decoded latent plane, {n}x{n} grid over [-{span:g}, {span:g}]^2"
     else:
         with _evaluating(model):
-            centre, comps, std, labels = _pca_plane(_encode_means(model, images))
+            mu = _encode_means(model, images).double()
+        centre, comps, std, labels = _pca_plane(mu)
         z = centre + (plane * std) @ comps
-        title = f"decoded plane of the first two principal components (latent={model.latent}), +-{span:g} std"
+        nearest = float((mu - centre).norm(dim=1).min())
+        median = float((mu - centre).norm(dim=1).median())
+        if float(std.min()) > 0:
+            hole = (2 * nearest / float(std[0]), 2 * nearest / float(std[1]))
+        title = (
+            f"decoded plane of the first two principal components (latent={model.latent}), +-{span:g} std;\n"
+            f"the other {model.latent - 2} directions at the mean code c.  No encoded image lies within "
+            f"{nearest:.2f} of c (median {median:.2f}):\ninside the dashed line the decoder blends digits, "
+            "so they fade"
+        )
     param = next(model.parameters())
     with _evaluating(model):
         decoded = _to_unit(torch.sigmoid(model.decode(z.to(device=param.device, dtype=param.dtype))))
@@ -338,11 +373,17 @@ def plot_manifold(
     fig = Figure(figsize=(8, 8), layout="constrained")
     ax = fig.subplots()
     cmap = "gray" if grid.ndim == 2 else None
-    ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, extent=(-span, span, -span, span), interpolation="nearest")
+    # Cell (i, j) is centred on the point it decodes: the image reaches half a cell beyond the ticks.
+    half = float(ticks[1] - ticks[0]) / 2 if n > 1 else span
+    lo, hi = float(ticks[0]) - half, float(ticks[-1]) + half
+    extent = (lo, hi, lo, hi)
+    ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, extent=extent, interpolation="nearest")
+    if hole is not None:
+        ax.add_patch(Ellipse((0.0, 0.0), *hole, fill=False, color="tab:red", lw=1.2, ls="--"))
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
-    ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    ax.set_title(title, fontsize=9)
+    return fig
 
 
 def plot_loss(history: Sequence[dict[str, Any]], path: PathLike) -> Path:
@@ -352,6 +393,11 @@ def plot_loss(history: Sequence[dict[str, Any]], path: PathLike) -> Path:
     whose value is missing, ``None`` or NaN are skipped (e.g. no validation set).  An empty
     history gives a figure that says so.  Returns the path written.
     """
+    return _save(_loss_figure(history), path)
+
+
+def _loss_figure(history: Sequence[dict[str, Any]]) -> Figure:
+    """The figure of :func:`plot_loss`; epochs are whole numbers, so are the ticks (also after a resume)."""
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.subplots()
     epochs = [float(h.get("epoch", i + 1)) for i, h in enumerate(history)]
@@ -370,11 +416,12 @@ def plot_loss(history: Sequence[dict[str, Any]], path: PathLike) -> Path:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no loss recorded yet", ha="center", va="center", transform=ax.transAxes)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (negative ELBO)")
     ax.grid(alpha=0.3)
     ax.set_title("training curve", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
 def save_all(

@@ -30,6 +30,7 @@ __all__ = [
     "philox4x32",
     "uniform_pair",
     "randn",
+    "eps",
     "reparameterize",
     "reparameterize_backward",
     "bce_with_logits",
@@ -159,20 +160,24 @@ def _grad_scale(grad, reduction: str, batch: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def reparameterize(mu, logvar, seed: int) -> np.ndarray:
-    """``z = mu + exp(logvar / 2) * eps`` with ``eps[i] = randn(seed, i)`` over the flat (C-order) index."""
+def eps(seed: int, shape, offset: int = 0) -> np.ndarray:
+    """The eps of a call: ``eps[i] = randn(seed, offset + i)`` over the flat (C-order) index ``i``."""
+    size = int(np.prod(shape, dtype=np.int64))
+    return randn(seed, offset + np.arange(size, dtype=np.int64)).reshape(shape)
+
+
+def reparameterize(mu, logvar, seed: int, offset: int = 0) -> np.ndarray:
+    """``z = mu + exp(logvar / 2) * eps`` with ``eps[i] = randn(seed, offset + i)`` (flat C-order ``i``)."""
     mu = np.asarray(mu, dtype=np.float64)
     logvar = np.asarray(logvar, dtype=np.float64)
-    eps = randn(seed, np.arange(mu.size, dtype=np.int64)).reshape(mu.shape)
-    return mu + np.exp(0.5 * logvar) * eps
+    return mu + np.exp(0.5 * logvar) * eps(seed, mu.shape, offset)
 
 
-def reparameterize_backward(dz, logvar, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def reparameterize_backward(dz, logvar, seed: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``dmu = dz``; ``dlogvar = 0.5 * dz * exp(logvar / 2) * eps`` (= ``0.5 * dz * (z - mu)``)."""
     dz = np.asarray(dz, dtype=np.float64)
     logvar = np.asarray(logvar, dtype=np.float64)
-    eps = randn(seed, np.arange(dz.size, dtype=np.int64)).reshape(dz.shape)
-    return dz.copy(), 0.5 * dz * np.exp(0.5 * logvar) * eps
+    return dz.copy(), 0.5 * dz * np.exp(0.5 * logvar) * eps(seed, dz.shape, offset)
 
 
 # ----------------------------------------------------------------------------------------------

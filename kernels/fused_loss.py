@@ -1,4 +1,4 @@
-"""The VAE loss in one pass over the data: reconstruction + beta * KL, with its gradients.
+"""The VAE loss in one pass over the data: reconstruction + beta * KL, with its gradients, in one launch.
 
 Per sample b (features f, latent dims d), with x = logits, t = target, s = sigmoid:
 
@@ -8,18 +8,22 @@ Per sample b (features f, latent dims d), with x = logits, t = target, s = sigmo
     loss_b     = recon_b + beta * KL_b
 
 The loss is the last node of a VAE's graph, so its gradient is known during the forward: each program
-takes BLOCK_B rows, streams them once, and writes d logits, d mu, d logvar (already scaled by beta and
-by 1/B for the "mean" reduction) next to the per-row partial sums.  The backward then only multiplies
-by the incoming gradient g, and skips rows whose g is exactly 1 (``loss.backward()``): masked loads
-and stores move no bytes, so the common case costs a launch and no traffic, with no host sync.
+streams its rows (or its chunk of a row) once and writes d logits, d mu, d logvar (already scaled by
+beta and by 1/B for the "mean" reduction) next to its partial sums.  The backward (``scale_grads_``)
+then only multiplies by the incoming gradient g and skips rows whose g is exactly 1
+(``loss.backward()``): masked loads and stores move no bytes, so the common case costs a launch and
+no traffic, with no host sync.
 
-Bytes (B rows, F features, D latent; s = element size, s_t = 1 for uint8 targets):
+The reduction is finished inside the same launch.  Every program writes its partials to its own slots;
+then it takes a ticket (an int32 ``atomic_add``); the program that draws the last ticket sums all the
+partials in index order and resets the ticket to 0.  No floating-point atomics and a summation order
+fixed by the launch configuration, a fixed rule of (B, F, D, whether the target is uint8): the same inputs
+give bit-identical losses and gradients on every run.
+
+Bytes (B rows, F features, D latent; s = element size, s_t = 1 for uint8 targets, P programs):
     forward   reads logits, target, mu, logvar; writes dlogits, dmu, dlogvar
-              = B F (2 s + s_t) + 4 B D s + 8 B (row partials)
-    sum       reads 2 B fp32 partials, writes 3 scalars (one program, fixed order: deterministic)
+              = B F (2 s + s_t) + 4 B D s, plus 8 P partial bytes written and read once
     backward  0 when g == 1, else reads and writes each gradient once
-
-No floating-point atomics anywhere: the same inputs give bit-identical losses and gradients.
 """
 
 from __future__ import annotations
@@ -27,26 +31,167 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-RECON_NONE, RECON_BCE, RECON_SSE = 0, 1, 2
-TILE = 4096  # elements a program holds per operand and iteration (16 KiB of fp32)
-SUM_BLOCK = 1024
+from fastvae.backend import REDUCE_MEAN, REDUCE_NONE, LossProblem
+
+__all__ = ["fused_loss", "scale_grads_", "loss_config", "scale_config"]
+
+TILE = 1024  # elements a program holds per operand and iteration: 8 fp32 a thread at 4 warps (2 x LDG.128)
+MIN_BLOCK = 16  # narrowest main-loop tile; narrower rows run as one masked tail tile
+TARGET_PROGRAMS = 24 * 132  # split rows into chunks up to 2 waves of 12 resident programs on 132 SMs
+FINISH_BLOCK = tl.constexpr(256)  # partials summed per step by the finishing program
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-element math
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _exp_fast(x):
+    """exp(x) = 2^(x log2 e) for x <= 0: one FMUL and one MUFU.EX2 in float32 (as ``tl.exp``, without
+    its denormal fix-up: results below 2^-126 flush to 0).  Relative error 2 ulp + |x| 2^-24 ln 2 from
+    rounding x log2 e: for BCE's e = exp(-|x|) that is below 1e-6 of e wherever e is not negligible
+    next to the loss.  libdevice in float64."""
+    if x.dtype == tl.float64:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
+def _exp(x):
+    """exp(x) to a few ulp for any x (KL's exp(logvar), which can reach e^30 and dominate the loss):
+    n = rint(x / ln 2), r = x - n ln 2 by Cody-Waite (ln 2 = C1 + C2, n C1 exact), exp(x) =
+    2^(r log2 e) 2^n with |r| <= ln 2 / 2, so rounding r log2 e costs under 2^-25.  Three FMAs, a
+    FRND, an FMUL and two MUFU.EX2 (2^n is exact).  libdevice in float64."""
+    if x.dtype == tl.float64:
+        return tl.exp(x)
+    else:
+        n = tl.floor(x * 1.4426950408889634 + 0.5)
+        r = tl.fma(n, -0.693359375, x)
+        r = tl.fma(n, 2.12194440e-4, r)
+        return tl.exp2(r * 1.4426950408889634) * tl.exp2(n)
 
 
 @triton.jit
 def _bce_with_logits(x, t):
     """Per-element BCE on logits and its gradient, stable for any x.
 
-    e = exp(-|x|) lies in (0, 1], so nothing overflows.  log1p(e) is computed as
-    log(u) * e / (u - 1) with u = 1 + e (Goldberg's trick: exact to a few ulp without a log1p).
+    e = exp(-|x|) lies in (0, 1], so nothing overflows; sigmoid(|x|) = 1 / (1 + e) and
+    sigmoid(x) = e / (1 + e) for x < 0.
+    float32: log1p(e) = 2 atanh(s) = s (2 + w P(w)), s = e / (2 + e) in (0, 1/3], w = s^2, P of degree
+    2 (truncation 2e-7 relative).  Both quotients come from one reciprocal r = 1 / ((1 + e)(2 + e)),
+    q = (1 + e)(2 + e) in (2, 6] so rsqrt(q)^2 needs no range fix-up (MUFU.RSQ, 2^-21.9 relative):
+    1 / (1 + e) = (2 + e) r and s = (e + e^2) r.  Modelled in float32 with the MUFU errors:
+    log1p(e) and sigmoid within 1.5e-6 relative (budget 1e-5; tests/test_triton_kernels.py).
+    MUFU: EX2 and RSQ; no libdevice log, no division.
+    float64 (gradcheck): log1p(e) = log(u) e / (u - 1) with u = 1 + e (Goldberg), exact divisions.
     """
-    e = tl.exp(-tl.abs(x))
-    u = 1.0 + e
-    log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+    if x.dtype == tl.float64:
+        e = tl.exp(-tl.abs(x))
+        u = 1.0 + e
+        log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+        sig_abs = 1.0 / u
+    else:
+        e = _exp_fast(-tl.abs(x))
+        v = 2.0 + e
+        rs = tl.math.rsqrt((1.0 + e) * v)
+        r = rs * rs
+        sig_abs = v * r
+        s = (e * e + e) * r
+        w = s * s
+        p = 0.3398355543613434 * w + 0.39635971188545227
+        p = p * w + 0.6667348146438599  # 2 atanh(s) / s = 2 + 2 w / 3 + 2 w^2 / 5 + ...
+        log1p_e = s * (2.0 + w * p)
     loss = tl.maximum(x, 0.0) - x * t + log1p_e
-    inv_u = 1.0 / u
-    sigmoid = tl.where(x >= 0, inv_u, e * inv_u)
+    sigmoid = tl.where(x >= 0, sig_abs, e * sig_abs)
     return loss, sigmoid - t
+
+
+@triton.jit
+def _recon_tile(
+    x_ptr,
+    t_ptr,
+    dx_ptr,
+    rows,
+    row_mask,
+    cols,
+    F,
+    stride_x,
+    stride_t,
+    grad_scale,
+    RECON: tl.constexpr,
+    TARGET_U8: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+):
+    """Loss of one [rows, cols] tile (masked elements give 0 only when MASK_COLS); stores d logits."""
+    if MASK_COLS:
+        mask = row_mask[:, None] & (cols < F)[None, :]
+    else:
+        mask = row_mask[:, None]  # one predicate per row: loads and stores stay 128-bit
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+    t = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0).to(COMPUTE)
+    if TARGET_U8:
+        t = t * (1.0 / 255.0)  # pixels read as t / 255: the data set stays uint8 in memory
+    if RECON == 1:
+        loss, grad = _bce_with_logits(x, t)
+    else:
+        diff = x - t
+        loss = diff * diff
+        grad = 2.0 * diff
+    if NEED_GRAD:
+        tl.store(
+            dx_ptr + rows[:, None] * F + cols[None, :],
+            (grad * grad_scale).to(dx_ptr.dtype.element_ty),
+            mask=mask,
+        )
+    if MASK_COLS:
+        loss = tl.where(mask, loss, 0.0)
+    return loss
+
+
+@triton.jit
+def _kl_tile(
+    mu_ptr,
+    lv_ptr,
+    dmu_ptr,
+    dlv_ptr,
+    rows,
+    row_mask,
+    cols,
+    D,
+    stride_mu,
+    stride_lv,
+    kl_grad_scale,
+    NEED_GRAD: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+):
+    """KL of one [rows, cols] tile (masked elements give 0 only when MASK_COLS); stores d mu, d logvar."""
+    if MASK_COLS:
+        mask = row_mask[:, None] & (cols < D)[None, :]
+    else:
+        mask = row_mask[:, None]
+    mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+    lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+    var = _exp(lv)
+    kl = -0.5 * (1.0 + lv - mu * mu - var)
+    if NEED_GRAD:
+        offs = rows[:, None] * D + cols[None, :]
+        tl.store(dmu_ptr + offs, (mu * kl_grad_scale).to(dmu_ptr.dtype.element_ty), mask=mask)
+        tl.store(dlv_ptr + offs, (0.5 * (var - 1.0) * kl_grad_scale).to(dlv_ptr.dtype.element_ty), mask=mask)
+    if MASK_COLS:
+        kl = tl.where(mask, kl, 0.0)
+    return kl
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -58,9 +203,9 @@ def fused_loss_kernel(
     dx_ptr,
     dmu_ptr,
     dlv_ptr,
-    row_loss_ptr,
-    row_recon_ptr,
-    row_kl_ptr,
+    out_ptr,
+    part_ptr,
+    ticket_ptr,
     B,
     F,
     D,
@@ -68,95 +213,166 @@ def fused_loss_kernel(
     stride_t,
     stride_mu,
     stride_lv,
-    beta,
-    grad_scale,
+    n_split,
+    f_chunk,
+    d_chunk,
+    beta: tl.float64,  # float64 arguments: exact for float64 inputs (gradcheck), rounded once for float32
+    grad_scale: tl.float64,
     RECON: tl.constexpr,
     HAS_KL: tl.constexpr,
     TARGET_U8: tl.constexpr,
     NEED_GRAD: tl.constexpr,
-    WRITE_ROW_LOSS: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    FINISH: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    TAIL_F: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_D: tl.constexpr,
 ):
+    """Program p takes rows [rb * BLOCK_B, (rb + 1) * BLOCK_B) and chunk c of their columns, with
+    rb = p // n_split and c = p % n_split (features [c f_chunk, (c + 1) f_chunk), latent dims
+    [c d_chunk, (c + 1) d_chunk); chunks are multiples of BLOCK_F / BLOCK_D, so only the last chunk of a
+    row has a partial tile, handled by one TAIL_F / TAIL_D-wide masked tile; TAIL_* = 0: none).
+
+    out_ptr: [loss, recon, kl] (sum / mean) or [3, B] rows (none).  FINISH = 0: this program owns the
+    whole result and writes out_ptr itself.  FINISH = 1: it writes its partials to part_ptr
+    (sum / mean: recon at [p], KL at [P + p]; none: per row at [c B + row] and [(n_split + c) B + row])
+    and the program drawing the last ticket sums them in index order.
+    """
+    kl_grad_scale = tl.full([], beta * grad_scale, COMPUTE)
+    beta = tl.full([], beta, COMPUTE)
+    grad_scale = tl.full([], grad_scale, COMPUTE)
+    pid = tl.program_id(0)
+    rb = pid // n_split
+    chunk = pid % n_split
     # Rows are int64 so that row * stride never wraps past 2**31 elements.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = rb.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
 
     recon = tl.zeros([BLOCK_B], COMPUTE)
     if RECON != 0:
+        f_lo = tl.minimum(chunk * f_chunk, F)
+        f_hi = tl.minimum(f_lo + f_chunk, F)
+        f_full = f_lo + ((f_hi - f_lo) // BLOCK_F) * BLOCK_F
         acc = tl.zeros([BLOCK_B, BLOCK_F], COMPUTE)
-        for f0 in range(0, F, BLOCK_F):
-            cols = f0 + tl.arange(0, BLOCK_F)
-            mask = row_mask[:, None] & (cols < F)[None, :]
-            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-            t = tl.load(t_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0).to(COMPUTE)
-            if TARGET_U8:
-                t = t * (1.0 / 255.0)  # pixels read as t / 255: the data set stays uint8 in memory
-            if RECON == 1:
-                loss, grad = _bce_with_logits(x, t)
-            else:
-                diff = x - t
-                loss = diff * diff
-                grad = 2.0 * diff
-            acc += tl.where(mask, loss, 0.0)
-            if NEED_GRAD:
-                tl.store(
-                    dx_ptr + rows[:, None] * F + cols[None, :],
-                    (grad * grad_scale).to(dx_ptr.dtype.element_ty),
-                    mask=mask,
-                )
+        for f0 in range(f_lo, f_full, BLOCK_F):
+            acc += _recon_tile(
+                x_ptr, t_ptr, dx_ptr, rows, row_mask, f0 + tl.arange(0, BLOCK_F), F, stride_x, stride_t,
+                grad_scale, RECON, TARGET_U8, NEED_GRAD, COMPUTE, False,
+            )  # fmt: skip
         recon = tl.sum(acc, axis=1)
+        if TAIL_F > 0:
+            if f_full < f_hi:
+                tail = _recon_tile(
+                    x_ptr, t_ptr, dx_ptr, rows, row_mask, f_full + tl.arange(0, TAIL_F), F, stride_x,
+                    stride_t, grad_scale, RECON, TARGET_U8, NEED_GRAD, COMPUTE, True,
+                )  # fmt: skip
+                recon += tl.sum(tail, axis=1)
 
     kl = tl.zeros([BLOCK_B], COMPUTE)
     if HAS_KL:
+        d_lo = tl.minimum(chunk * d_chunk, D)
+        d_hi = tl.minimum(d_lo + d_chunk, D)
+        d_full = d_lo + ((d_hi - d_lo) // BLOCK_D) * BLOCK_D
         acc_kl = tl.zeros([BLOCK_B, BLOCK_D], COMPUTE)
-        kl_grad_scale = beta * grad_scale
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            mask = row_mask[:, None] & (cols < D)[None, :]
-            mu = tl.load(mu_ptr + rows[:, None] * stride_mu + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-            lv = tl.load(lv_ptr + rows[:, None] * stride_lv + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
-            var = tl.exp(lv)
-            acc_kl += tl.where(mask, -0.5 * (1.0 + lv - mu * mu - var), 0.0)
-            if NEED_GRAD:
-                offs = rows[:, None] * D + cols[None, :]
-                tl.store(dmu_ptr + offs, (mu * kl_grad_scale).to(dmu_ptr.dtype.element_ty), mask=mask)
-                tl.store(
-                    dlv_ptr + offs,
-                    (0.5 * (var - 1.0) * kl_grad_scale).to(dlv_ptr.dtype.element_ty),
-                    mask=mask,
-                )
+        for d0 in range(d_lo, d_full, BLOCK_D):
+            acc_kl += _kl_tile(
+                mu_ptr, lv_ptr, dmu_ptr, dlv_ptr, rows, row_mask, d0 + tl.arange(0, BLOCK_D), D, stride_mu,
+                stride_lv, kl_grad_scale, NEED_GRAD, COMPUTE, False,
+            )  # fmt: skip
         kl = tl.sum(acc_kl, axis=1)
+        if TAIL_D > 0:
+            if d_full < d_hi:
+                tail_kl = _kl_tile(
+                    mu_ptr, lv_ptr, dmu_ptr, dlv_ptr, rows, row_mask, d_full + tl.arange(0, TAIL_D), D,
+                    stride_mu, stride_lv, kl_grad_scale, NEED_GRAD, COMPUTE, True,
+                )  # fmt: skip
+                kl += tl.sum(tail_kl, axis=1)
 
-    tl.store(row_recon_ptr + rows, recon.to(row_recon_ptr.dtype.element_ty), mask=row_mask)
-    tl.store(row_kl_ptr + rows, kl.to(row_kl_ptr.dtype.element_ty), mask=row_mask)
-    if WRITE_ROW_LOSS:
-        tl.store(row_loss_ptr + rows, (recon + beta * kl).to(row_loss_ptr.dtype.element_ty), mask=row_mask)
+    # Rows past B loaded zeros (unmasked columns): their sums are dropped here, once per row.
+    recon = tl.where(row_mask, recon, 0.0)
+    kl = tl.where(row_mask, kl, 0.0)
+    out_ty = out_ptr.dtype.element_ty
+    if FINISH == 0:
+        if REDUCTION == 2:
+            tl.store(out_ptr + rows, (recon + beta * kl).to(out_ty), mask=row_mask)
+            tl.store(out_ptr + B + rows, recon.to(out_ty), mask=row_mask)
+            tl.store(out_ptr + 2 * B + rows, kl.to(out_ty), mask=row_mask)
+        else:
+            recon_sum = tl.sum(recon, axis=0) * grad_scale
+            kl_sum = tl.sum(kl, axis=0) * grad_scale
+            tl.store(out_ptr, (recon_sum + beta * kl_sum).to(out_ty))
+            tl.store(out_ptr + 1, recon_sum.to(out_ty))
+            tl.store(out_ptr + 2, kl_sum.to(out_ty))
+    else:
+        n_prog = tl.num_programs(0)
+        if REDUCTION == 2:
+            tl.store(part_ptr + chunk.to(tl.int64) * B + rows, recon, mask=row_mask)
+            tl.store(part_ptr + (n_split + chunk).to(tl.int64) * B + rows, kl, mask=row_mask)
+        else:
+            tl.store(part_ptr + pid, tl.sum(recon, axis=0))
+            tl.store(part_ptr + n_prog + pid, tl.sum(kl, axis=0))
+        # Memory ordering of the last-program finish (PTX memory model):
+        # 1. the barrier orders every thread's partial stores before thread 0's ticket (CTA scope);
+        # 2. the ticket is an acq_rel atomic at GPU scope: its release half makes those stores (cumulative
+        #    through the barrier) visible to whichever program later acquires the counter, and its
+        #    acquire half, in the program that draws n_prog - 1, orders its loads after every release;
+        # 3. that program reads the partials with .cg loads (L2, never a stale L1 line of this SM) after
+        #    the barrier that broadcasts the ticket to all its threads.
+        # The counter returns to 0 before the kernel ends, so the next launch on this stream (the ticket
+        # buffer is per device and stream; see _ticket) starts from 0.  Launches on two streams never
+        # share a ticket; under CUDA-graph capture each launch gets its own zeroed ticket in the graph.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_prog - 1:
+            tl.debug_barrier()
+            idx = tl.arange(0, FINISH_BLOCK)
+            if REDUCTION == 2:
+                for r0 in range(0, B, FINISH_BLOCK):
+                    r = r0 + idx.to(tl.int64)
+                    m = r < B
+                    acc_r = tl.zeros([FINISH_BLOCK], COMPUTE)
+                    acc_k = tl.zeros([FINISH_BLOCK], COMPUTE)
+                    for c in range(0, n_split):
+                        acc_r += tl.load(part_ptr + c * B + r, mask=m, other=0.0, cache_modifier=".cg")
+                        acc_k += tl.load(
+                            part_ptr + (n_split + c) * B + r, mask=m, other=0.0, cache_modifier=".cg"
+                        )
+                    tl.store(out_ptr + r, (acc_r + beta * acc_k).to(out_ty), mask=m)
+                    tl.store(out_ptr + B + r, acc_r.to(out_ty), mask=m)
+                    tl.store(out_ptr + 2 * B + r, acc_k.to(out_ty), mask=m)
+            else:
+                acc_r = tl.zeros([FINISH_BLOCK], COMPUTE)
+                acc_k = tl.zeros([FINISH_BLOCK], COMPUTE)
+                for i0 in range(0, n_prog, FINISH_BLOCK):
+                    i = i0 + idx
+                    m = i < n_prog
+                    acc_r += tl.load(part_ptr + i, mask=m, other=0.0, cache_modifier=".cg")
+                    acc_k += tl.load(part_ptr + n_prog + i, mask=m, other=0.0, cache_modifier=".cg")
+                recon_sum = tl.sum(acc_r, axis=0) * grad_scale
+                kl_sum = tl.sum(acc_k, axis=0) * grad_scale
+                tl.store(out_ptr, (recon_sum + beta * kl_sum).to(out_ty))
+                tl.store(out_ptr + 1, recon_sum.to(out_ty))
+                tl.store(out_ptr + 2, kl_sum.to(out_ty))
+            tl.store(ticket_ptr, 0)
 
 
 @triton.jit
-def sum_rows_kernel(
-    row_recon_ptr, row_kl_ptr, loss_ptr, recon_ptr, kl_ptr, B, beta, scale, BLOCK: tl.constexpr
-):
-    """One program sums the per-row partials in a fixed order: loss = scale * (sum recon + beta * sum KL)."""
-    acc_recon = tl.zeros([BLOCK], row_recon_ptr.dtype.element_ty)
-    acc_kl = tl.zeros([BLOCK], row_kl_ptr.dtype.element_ty)
-    for b0 in range(0, B, BLOCK):
-        idx = b0 + tl.arange(0, BLOCK)
-        mask = idx < B
-        acc_recon += tl.load(row_recon_ptr + idx, mask=mask, other=0.0)
-        acc_kl += tl.load(row_kl_ptr + idx, mask=mask, other=0.0)
-    recon = tl.sum(acc_recon, axis=0) * scale
-    kl = tl.sum(acc_kl, axis=0) * scale
-    tl.store(recon_ptr, recon)
-    tl.store(kl_ptr, kl)
-    tl.store(loss_ptr, recon + beta * kl)
+def _scale_tile(ptr, rows, row_mask, cols, n_cols, g, COMPUTE: tl.constexpr, MASK_COLS: tl.constexpr):
+    """In place: ptr[rows, cols] *= g[rows] (a contiguous [*, n_cols] gradient)."""
+    if MASK_COLS:
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    else:
+        mask = row_mask[:, None]
+    ptrs = ptr + rows[:, None] * n_cols + cols[None, :]
+    v = tl.load(ptrs, mask=mask, other=0.0).to(COMPUTE)
+    tl.store(ptrs, (v * g[:, None]).to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def scale_rows_kernel(
+def scale_grads_kernel(
     g_ptr,
     dx_ptr,
     dmu_ptr,
@@ -164,152 +380,287 @@ def scale_rows_kernel(
     B,
     F,
     D,
-    G_PER_ROW: tl.constexpr,
+    stride_g,
+    n_split,
+    f_chunk,
+    d_chunk,
     HAS_X: tl.constexpr,
     HAS_KL: tl.constexpr,
+    COMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    TAIL_F: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_D: tl.constexpr,
 ):
-    """In place: grad[b, :] *= g[b] (or the scalar g), for the rows where g != 1 only."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    if G_PER_ROW:
-        g = tl.load(g_ptr + rows, mask=rows < B, other=1.0).to(tl.float32)
-    else:
-        g = tl.zeros([BLOCK_B], tl.float32) + tl.load(g_ptr).to(tl.float32)
-    # Rows whose gradient is already right are masked out: their bytes are never loaded or stored.
+    """In place: grad[b, :] *= g[b * stride_g] (stride_g = 0: the scalar g), for the rows where g != 1 only.
+
+    d loss / d input = g * (d loss_b / d input), and the forward stored the second factor.  The tiles,
+    chunks and program numbering are those of ``fused_loss_kernel``.  Bytes: 2 s per gradient element of
+    the rows with g != 1; rows with g == 1 (``loss.backward()``) are masked out and move nothing.
+    """
+    pid = tl.program_id(0)
+    rb = pid // n_split
+    chunk = pid % n_split
+    rows = rb.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    g = tl.load(g_ptr + rows * stride_g, mask=rows < B, other=1.0).to(COMPUTE)
     row_mask = (rows < B) & (g != 1.0)
     if HAS_X:
-        for f0 in range(0, F, BLOCK_F):
-            cols = f0 + tl.arange(0, BLOCK_F)
-            mask = row_mask[:, None] & (cols < F)[None, :]
-            ptrs = dx_ptr + rows[:, None] * F + cols[None, :]
-            v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(ptrs, (v * g[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+        f_lo = tl.minimum(chunk * f_chunk, F)
+        f_hi = tl.minimum(f_lo + f_chunk, F)
+        f_full = f_lo + ((f_hi - f_lo) // BLOCK_F) * BLOCK_F
+        for f0 in range(f_lo, f_full, BLOCK_F):
+            _scale_tile(dx_ptr, rows, row_mask, f0 + tl.arange(0, BLOCK_F), F, g, COMPUTE, False)
+        if TAIL_F > 0:
+            if f_full < f_hi:
+                _scale_tile(dx_ptr, rows, row_mask, f_full + tl.arange(0, TAIL_F), F, g, COMPUTE, True)
     if HAS_KL:
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            mask = row_mask[:, None] & (cols < D)[None, :]
-            offs = rows[:, None] * D + cols[None, :]
-            v = tl.load(dmu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dmu_ptr + offs, (v * g[:, None]).to(dmu_ptr.dtype.element_ty), mask=mask)
-            v = tl.load(dlv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dlv_ptr + offs, (v * g[:, None]).to(dlv_ptr.dtype.element_ty), mask=mask)
+        d_lo = tl.minimum(chunk * d_chunk, D)
+        d_hi = tl.minimum(d_lo + d_chunk, D)
+        d_full = d_lo + ((d_hi - d_lo) // BLOCK_D) * BLOCK_D
+        for d0 in range(d_lo, d_full, BLOCK_D):
+            _scale_tile(dmu_ptr, rows, row_mask, d0 + tl.arange(0, BLOCK_D), D, g, COMPUTE, False)
+            _scale_tile(dlv_ptr, rows, row_mask, d0 + tl.arange(0, BLOCK_D), D, g, COMPUTE, False)
+        if TAIL_D > 0:
+            if d_full < d_hi:
+                _scale_tile(dmu_ptr, rows, row_mask, d_full + tl.arange(0, TAIL_D), D, g, COMPUTE, True)
+                _scale_tile(dlv_ptr, rows, row_mask, d_full + tl.arange(0, TAIL_D), D, g, COMPUTE, True)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers.  Inputs are 2-D [B, F] / [B, D] views whose features are contiguous (stride(1) == 1);
-# rows may be strided, so slices such as ``mu, logvar = h.chunk(2, dim=1)`` need no copy.
+# Launch configuration: a fixed rule of (B, F, D, element size), never timing, so the summation order
+# of a shape never changes under a user.  Computed once per shape with plain integer arithmetic.
 # ----------------------------------------------------------------------------------------------
 
 
-def block_sizes(batch: int, features: int, latent: int) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_F, BLOCK_D, num_warps): a TILE-element tile; several rows a program for short rows."""
-    block_f = min(triton.next_power_of_2(max(features, 1)), TILE)
-    block_d = min(triton.next_power_of_2(max(latent, 1)), TILE)
-    block_b = max(1, min(TILE // max(block_f, block_d), triton.next_power_of_2(batch)))
-    num_warps = 4 if block_b * max(block_f, block_d) <= 4096 else 8
-    return block_b, block_f, block_d, num_warps
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def _tile(n: int, tile: int = TILE) -> tuple[int, int]:
+    """(BLOCK, TAIL) for rows of n elements: n // BLOCK unmasked tiles, then one TAIL-wide masked tile
+    (TAIL = next power of two of n % BLOCK; 0 when BLOCK divides n).  BLOCK is the widest power of two
+    <= tile whose lanes (n // BLOCK * BLOCK + TAIL) exceed n by at most n / 32: 784 = 3 * 256 + 16,
+    1025 = 1024 + 1, 3072 = 3 * 1024; rows narrower than MIN_BLOCK are one masked tile."""
+    if n < MIN_BLOCK:
+        block = _pow2_ceil(max(n, 1))
+        return block, (block if n % block else 0)
+    block = min(tile, 1 << (n.bit_length() - 1))
+    while True:
+        rem = n % block
+        tail = _pow2_ceil(rem) if rem else 0
+        if block == MIN_BLOCK or n // block * block + tail <= n + n // 32:
+            return block, tail
+        block //= 2
+
+
+def loss_config(B: int, F: int, D: int, element_size: int, target_u8: bool = False) -> tuple[int, ...]:
+    """(BLOCK_B, BLOCK_F, TAIL_F, BLOCK_D, TAIL_D, n_split, f_chunk, d_chunk, n_programs, num_warps).
+
+    Tiles of about TILE elements (TILE / 2 for float64, whose 1024-wide tiles needed 168 registers and a
+    stack): BLOCK_B rows a program for short rows.  8 elements a thread (two 128-bit fp32 accesses);
+    4 with a uint8 target (its loads then take the layout of the fp32 gradient store: Triton gives loads
+    up to tile / threads elements a thread but stores at most 128 bits, and with 8 a thread the gradient
+    went through shared memory, 2 BAR.SYNC an iteration) and for float64.
+
+    When there are fewer row blocks than TARGET_PROGRAMS and rows are long (at least 4 tiles), each row
+    is cut into n_split chunks of whole tiles (at least 2 a chunk): [8, 3 * 256 * 256] runs 8 * 96
+    programs, [512, 12288] 512 * 6.
+    """
+    tile = TILE // 2 if element_size == 8 else TILE
+    per_thread = 4 if target_u8 or element_size == 8 else 8
+    block_f, tail_f = _tile(F, tile)
+    block_d, tail_d = _tile(D, tile)
+    width = max(block_f if F else 1, block_d if D else 1)
+    block_b = min(_pow2_ceil(max(B, 1)), max(1, tile // width))
+    n_rb = _cdiv(max(B, 1), block_b)
+    row, blk = (F, block_f) if F else (D, block_d)
+    n_split, chunk = 1, row
+    if n_rb < TARGET_PROGRAMS and row >= 4 * blk:
+        n_split = min(_cdiv(TARGET_PROGRAMS, n_rb), row // (2 * blk))
+        chunk = _cdiv(_cdiv(row, n_split), blk) * blk
+        n_split = _cdiv(row, chunk)
+    if F:
+        f_chunk = chunk
+        d_chunk = _cdiv(_cdiv(D, n_split), block_d) * block_d if D else 0
+    else:
+        f_chunk, d_chunk = 0, chunk
+    num_warps = max(1, block_b * width // (32 * per_thread))
+    return block_b, block_f, tail_f, block_d, tail_d, n_split, f_chunk, d_chunk, n_rb * n_split, num_warps
+
+
+scale_config = loss_config  # scale_grads_ walks the gradients with the forward's tiles and chunks
+
+_COMPUTE = {torch.float64: tl.float64}  # every other dtype computes in float32
+_LOSS_LAUNCH: dict[tuple, tuple] = {}
+_SCALE_LAUNCH: dict[tuple, tuple] = {}
+_TICKETS: dict[tuple, Tensor] = {}
+# The current CUDA stream's handle: the private binding is what Triton's launcher reads (fast); CPU-only
+# builds of torch lack it, and there no CUDA tensor reaches this module.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream
+)
+
+
+def _ticket(device: torch.device) -> Tensor:
+    """The int32 ticket counter of this device and current stream (0 between launches).
+
+    Per stream, because two launches running at once on two streams must not share a counter.  While
+    a CUDA graph is being captured, a fresh zeroed counter: its zero-fill is recorded in the graph, so
+    each replay starts from 0, and the graph never shares a counter with eager launches or another graph.
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        key = (device.index, _raw_stream(device.index))
+    else:
+        key = (device.type, device.index)
+    ticket = _TICKETS.get(key)
+    if ticket is None:
+        ticket = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return ticket
+
+
+def _loss_launch(p: LossProblem, x_dtype, t_dtype, m_dtype, esize: int) -> tuple:
+    """(launcher, n_out, n_part, n_split, f_chunk, d_chunk, finish, constexpr kwargs) for one problem."""
+    target_u8 = t_dtype == torch.uint8
+    bb, bf, tf, bd, td, n_split, f_chunk, d_chunk, n_prog, warps = loss_config(
+        p.B, p.F, p.D, esize, target_u8
+    )
+    per_row = p.reduction == REDUCE_NONE
+    finish = n_split > 1 if per_row else n_prog > 1
+    n_out = 3 * p.B if per_row else 3
+    n_part = (2 * n_split * p.B if per_row else 2 * n_prog) if finish else 0
+    kw = dict(
+        RECON=p.recon,
+        HAS_KL=p.D > 0,
+        TARGET_U8=target_u8,
+        NEED_GRAD=p.need_grad,
+        REDUCTION=p.reduction,
+        FINISH=int(finish),
+        COMPUTE=_COMPUTE.get(p.acc, tl.float32),
+        BLOCK_B=bb,
+        BLOCK_F=bf,
+        TAIL_F=tf,
+        BLOCK_D=bd,
+        TAIL_D=td,
+        num_warps=warps,
+    )
+    return fused_loss_kernel[(n_prog,)], n_out, n_part, n_split, f_chunk, d_chunk, finish, kw
 
 
 def fused_loss(
-    logits: torch.Tensor | None,
-    target: torch.Tensor | None,
-    mu: torch.Tensor | None,
-    logvar: torch.Tensor | None,
-    beta: float,
-    reduction: str,
-    recon: str,
-    need_grad: bool,
-):
-    """Returns (loss, recon, kl, dlogits, dmu, dlogvar); gradients are empty tensors when not needed.
+    p: LossProblem, logits: Tensor | None, target: Tensor | None, mu: Tensor | None, logvar: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, recon, kl, dlogits, dmu, dlogvar)`` of ``loss_b = recon_b + beta * KL_b`` (see the module
+    docstring), reduced per ``p.reduction``; the contract of ``fastvae.backend.Backend.fused_loss``.
 
-    ``recon`` is "bce", "mse" or "none" (KL only); mu/logvar None means no KL term.
+    loss / recon / kl are views of one ``p.acc`` buffer (0-d, or ``[B]`` for none); gradients are new
+    contiguous tensors, or distinct empty tensors where the term is absent or ``not p.need_grad``.
     """
-    ref = logits if logits is not None else mu
+    ref = logits if p.F else mu
     device = ref.device
-    B = ref.shape[0]
-    F = logits.shape[1] if logits is not None else 0
-    D = mu.shape[1] if mu is not None else 0
-    compute = tl.float64 if ref.dtype == torch.float64 else tl.float32
-    acc_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    if ref.is_cuda and device.index != torch.cuda.current_device():  # launch on the tensors' GPU
+        with torch.cuda.device(device):
+            return fused_loss(p, logits, target, mu, logvar)
+    B, F, D = p.B, p.F, p.D
+    key = (
+        B, F, D, p.recon, p.reduction, p.need_grad, p.acc,
+        logits.dtype if F else None, target.dtype if F else None, mu.dtype if D else None,
+    )  # fmt: skip
+    launch = _LOSS_LAUNCH.get(key)
+    if launch is None:
+        launch = _LOSS_LAUNCH[key] = _loss_launch(p, key[7], key[8], key[9], ref.element_size())
+    kernel, n_out, n_part, n_split, f_chunk, d_chunk, finish, kw = launch
 
-    def grad_buffer(like: torch.Tensor | None, cols: int) -> torch.Tensor:
-        # Distinct empty tensors when no gradient is stored: outputs of a custom op may not alias.
-        if need_grad and cols:
-            return torch.empty((B, cols), device=device, dtype=like.dtype)
-        return torch.empty(0, device=device, dtype=ref.dtype)
-
-    dlogits, dmu, dlogvar = grad_buffer(logits, F), grad_buffer(mu, D), grad_buffer(logvar, D)
-    row_recon = torch.empty(B, device=device, dtype=acc_dtype)
-    row_kl = torch.empty(B, device=device, dtype=acc_dtype)
-    per_row = reduction == "none"
-    row_loss = torch.empty(B, device=device, dtype=acc_dtype) if per_row else row_recon
-
-    block_b, block_f, block_d, num_warps = block_sizes(B, F, D)
-    grid = (triton.cdiv(B, block_b),)
-    grad_scale = 1.0 / B if reduction == "mean" else 1.0
-    fused_loss_kernel[grid](
-        logits if F else ref,
-        target if F else ref,
-        mu if D else ref,
-        logvar if D else ref,
-        dlogits if need_grad and F else ref,
-        dmu if need_grad and D else ref,
-        dlogvar if need_grad and D else ref,
-        row_loss,
-        row_recon,
-        row_kl,
-        B,
-        F,
-        D,
-        logits.stride(0) if F else 0,
-        target.stride(0) if F else 0,
-        mu.stride(0) if D else 0,
-        logvar.stride(0) if D else 0,
-        float(beta),
-        grad_scale,
-        RECON={"none": RECON_NONE, "bce": RECON_BCE, "mse": RECON_SSE}[recon],
-        HAS_KL=D > 0,
-        TARGET_U8=F > 0 and target.dtype == torch.uint8,
-        NEED_GRAD=need_grad,
-        WRITE_ROW_LOSS=per_row,
-        COMPUTE=compute,
-        BLOCK_B=block_b,
-        BLOCK_F=block_f,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
-    if per_row:
-        return row_loss, row_recon, row_kl, dlogits, dmu, dlogvar
-    loss, recon_sum, kl_sum = (torch.empty((), device=device, dtype=acc_dtype) for _ in range(3))
-    scale = 1.0 / B if reduction == "mean" else 1.0
-    sum_rows_kernel[(1,)](row_recon, row_kl, loss, recon_sum, kl_sum, B, float(beta), scale, BLOCK=SUM_BLOCK)
-    return loss, recon_sum, kl_sum, dlogits, dmu, dlogvar
+    buf = torch.empty(n_out + n_part, device=device, dtype=p.acc)
+    grad_x = p.need_grad and F > 0
+    grad_kl = p.need_grad and D > 0
+    dlogits = torch.empty((B, F), device=device, dtype=logits.dtype) if grad_x else ref.new_empty(0)
+    dmu = torch.empty((B, D), device=device, dtype=mu.dtype) if grad_kl else ref.new_empty(0)
+    dlogvar = torch.empty((B, D), device=device, dtype=logvar.dtype) if grad_kl else ref.new_empty(0)
+    if B == 0:
+        buf.fill_(float("nan") if p.reduction == REDUCE_MEAN else 0.0)  # the mean of nothing is 0 / 0
+    else:
+        kernel(
+            logits if F else buf,
+            target if F else buf,
+            mu if D else buf,
+            logvar if D else buf,
+            dlogits if grad_x else buf,
+            dmu if grad_kl else buf,
+            dlogvar if grad_kl else buf,
+            buf,
+            buf[n_out:] if finish else buf,
+            _ticket(device) if finish else buf,
+            B,
+            F,
+            D,
+            logits.stride(0) if F else 0,
+            target.stride(0) if F else 0,
+            mu.stride(0) if D else 0,
+            logvar.stride(0) if D else 0,
+            n_split,
+            f_chunk,
+            d_chunk,
+            p.beta,
+            p.grad_scale,
+            **kw,
+        )
+    if p.reduction == REDUCE_NONE:
+        loss, recon, kl = buf[:n_out].view(3, B).unbind(0)
+    else:
+        loss, recon, kl = buf[:3].unbind(0)
+    return loss, recon, kl, dlogits, dmu, dlogvar
 
 
-def scale_rows_(grad: torch.Tensor, dlogits: torch.Tensor, dmu: torch.Tensor, dlogvar: torch.Tensor) -> None:
-    """Multiply the saved gradients in place by the incoming gradient (a scalar, or [B] for "none")."""
-    B = max(dlogits.shape[0] if dlogits.numel() else 0, dmu.shape[0] if dmu.numel() else 0)
+def scale_grads_(grad: Tensor, dlogits: Tensor, dmu: Tensor, dlogvar: Tensor) -> None:
+    """In place: every gradient row ``b *= grad`` (0-d) or ``grad[b]`` (``[B]``, reduction none), in one
+    launch that moves no bytes for rows whose factor is exactly 1; empty gradients are skipped."""
     F = dlogits.shape[1] if dlogits.numel() else 0
     D = dmu.shape[1] if dmu.numel() else 0
-    if B == 0:
+    ref = dlogits if F else dmu
+    if F == 0 and D == 0:
         return
-    block_b, block_f, block_d, num_warps = block_sizes(B, F, D)
-    anchor = dlogits if F else dmu
-    scale_rows_kernel[(triton.cdiv(B, block_b),)](
-        grad.contiguous(),
-        dlogits if F else anchor,
-        dmu if D else anchor,
-        dlogvar if D else anchor,
+    device = ref.device
+    if ref.is_cuda and device.index != torch.cuda.current_device():  # launch on the tensors' GPU
+        with torch.cuda.device(device):
+            return scale_grads_(grad, dlogits, dmu, dlogvar)
+    B = ref.shape[0]
+    key = (B, F, D, ref.dtype)
+    launch = _SCALE_LAUNCH.get(key)
+    if launch is None:
+        bb, bf, tf, bd, td, n_split, f_chunk, d_chunk, n_prog, warps = scale_config(
+            B, F, D, ref.element_size()
+        )
+        kw = dict(
+            HAS_X=F > 0,
+            HAS_KL=D > 0,
+            COMPUTE=_COMPUTE.get(ref.dtype, tl.float32),
+            BLOCK_B=bb,
+            BLOCK_F=bf,
+            TAIL_F=tf,
+            BLOCK_D=bd,
+            TAIL_D=td,
+            num_warps=warps,
+        )
+        launch = _SCALE_LAUNCH[key] = (scale_grads_kernel[(n_prog,)], n_split, f_chunk, d_chunk, kw)
+    kernel, n_split, f_chunk, d_chunk, kw = launch
+    kernel(
+        grad,
+        dlogits if F else ref,
+        dmu if D else ref,
+        dlogvar if D else ref,
         B,
         F,
         D,
-        G_PER_ROW=grad.dim() == 1,
-        HAS_X=F > 0,
-        HAS_KL=D > 0,
-        BLOCK_B=block_b,
-        BLOCK_F=block_f,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
+        grad.stride(0) if grad.dim() else 0,
+        n_split,
+        f_chunk,
+        d_chunk,
+        **kw,
     )

@@ -1,99 +1,104 @@
-"""Numba CPU kernels: the same math as the Triton kernels, parallel over rows (``prange``).
+"""Numba CPU backend: the four functions of :class:`fastvae.backend.Backend` on torch CPU tensors.
 
-Each function has the signature of its Triton twin in ``fused_loss.py`` / ``reparameterize.py`` and
-takes torch CPU tensors.  NumPy has no bfloat16, so fp16/bf16 tensors are computed through a float32
-copy (a CPU convenience; the GPU kernels read them natively).  Each row's sum is computed by one
-thread in a fixed order (float32 over chunks of 256 elements, float64 across chunks, for float32
-logits; float64 throughout for float64 logits), then the rows are summed in a fixed order, so results
-are bit-identical whatever the thread count.  Small problems run on the calling thread.
+The kernels follow the Triton kernels' math.  NumPy has no bfloat16, so fp16/bf16 tensors are
+computed through float32 copies (a CPU convenience; the GPU kernels read them natively).
 
-The float32 loss kernel is written so that LLVM vectorizes it (AVX2/AVX-512): exp and log1p are
-polynomials rather than libm calls, which Numba cannot vectorize (see "Fused loss, float32 logits").
+Calls are lean: the launchers hand the jitted entry points data pointers and plain Python scalars
+(Numba type-checks every argument of every call, and a tensor's ``.numpy()`` view costs more than
+the kernel at training sizes), and the entries rebuild typed arrays with ``numba.carray``.  One
+compiled entry exists per dtype combination (closures over NumPy dtypes, which Numba's cache keys).
 
-Philox4x32-10 and Box-Muller follow ``fastvae.reference`` (itself a port of ``tl.randn``): the uniforms
-are bit-identical to the Triton kernels'.
+Loss: each row's sum is computed by one thread in a fixed order (float32 over chunks of 256
+elements, float64 across chunks, for float32 logits; float64 throughout for float64 logits), then the
+rows are summed sequentially in float64, so results are bit-identical whatever the thread count.
+
+Sampler: ``eps[i] = randn(key, offset + i)``, Philox4x32-10 and Box-Muller as in
+``fastvae.reference`` (a port of ``tl.randn``): the uniforms are bit-identical to the Triton kernels';
+the normals use polynomial log / cos in float32 arithmetic for float32 (fp16, bf16) inputs and in
+float64 for float64 inputs (a few ulp of that precision from the reference), in one branch-free
+loop that LLVM vectorizes (see "Sampler").  A forward keeps its eps for its backward (see "The eps
+memo").  Small problems run on the calling thread.
 """
 
 from __future__ import annotations
 
 import math
+import operator
+import threading
 
 import numba
+import numba.np.arrayobj  # noqa: F401  (see _np_empty)
 import numpy as np
 import torch
 from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-_M32 = np.uint64(0xFFFFFFFF)
-_S32 = np.uint64(32)
-_KEY_A = np.uint64(0x9E3779B9)
-_KEY_B = np.uint64(0xBB67AE85)
-_ROUND_A = np.uint64(0xD2511F53)
-_ROUND_B = np.uint64(0xCD9E8D57)
-_UNIFORM_SCALE = np.float32(4.6566127342e-10)
-_TWO_PI_F32 = np.float32(6.283185307179586)
-_U1_FLOOR = np.float32(1.0e-7)
-_HALF_RANGE = np.uint64(0x80000000)
+from fastvae.backend import RECON_BCE, RECON_NONE, REDUCE_MEAN, REDUCE_NONE, Key, LossProblem
+
+__all__ = ["fused_loss", "scale_grads_", "reparameterize", "reparameterize_backward"]
+
+# Numba registers its NumPy implementations, keyed by the function objects, when numba.np.arrayobj
+# is imported (else lazily, at the first compilation), and a kernel looks its globals up when it is
+# compiled.  Importing arrayobj above and binding np.empty here, at import, keeps kernels compiled
+# while a test's poison fixture has replaced np.empty (to fill host buffers) on NumPy's own.
+_np_empty = np.empty
 
 _jit = numba.njit(cache=True, fastmath=False, nogil=True)
 _pjit = numba.njit(cache=True, fastmath=False, nogil=True, parallel=True)
 
 
-@numba.njit(cache=True, inline="always")
-def _uniform(word):
-    """Triton's uint_to_uniform_float: the word as int32, negative -> ~x, to float32, times the scale."""
-    x = word if word < _HALF_RANGE else _M32 - word  # ~x of a negative int32, as a non-negative integer
-    return np.float32(np.int64(x)) * _UNIFORM_SCALE
+@intrinsic
+def _voidptr(typingctx, addr):
+    """The integer ``addr`` (a tensor's ``data_ptr()``) as a ``void*`` for ``numba.carray``."""
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+
+    return types.voidptr(addr), codegen
 
 
-@numba.njit(cache=True, inline="always")
-def randn_at(k0, k1, offset):
-    """tl.randn(seed, offset) for one offset: Philox4x32-10 on (lo, hi, 0, 0), then Box-Muller (float64)."""
-    c0 = np.uint64(offset) & _M32
-    c1 = np.uint64(offset) >> _S32
-    c2 = np.uint64(0)
-    c3 = np.uint64(0)
-    for _ in range(10):
-        prod_b = _ROUND_B * c2
-        prod_a = _ROUND_A * c0
-        c0 = (prod_b >> _S32) ^ c1 ^ k0
-        c1 = prod_b & _M32
-        c2 = (prod_a >> _S32) ^ c3 ^ k1
-        c3 = prod_a & _M32
-        k0 = (k0 + _KEY_A) & _M32
-        k1 = (k1 + _KEY_B) & _M32
-    u1 = max(_U1_FLOOR, _uniform(c0))
-    theta = _TWO_PI_F32 * _uniform(c1)  # a float32 product, as in the kernel
-    return math.sqrt(-2.0 * math.log(np.float64(u1))) * math.cos(np.float64(theta))
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of the integer ``bits`` (an LLVM bitcast)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if bits.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        elif bits.bitwidth < 32:
+            v = builder.sext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(bits), codegen
 
 
-@_jit
-def _reparameterize_row(a, logvar, out, k0, k1, backward, b):
-    cols = a.shape[1]
-    for j in range(cols):
-        eps = randn_at(k0, k1, np.int64(b) * cols + j)
-        std = math.exp(0.5 * np.float64(logvar[b, j]))
-        if backward:
-            out[b, j] = 0.5 * np.float64(a[b, j]) * std * eps  # dlogvar = dz * std * eps / 2
-        else:
-            out[b, j] = np.float64(a[b, j]) + std * eps  # z = mu + std * eps
+@intrinsic
+def _bits_from_f32(typingctx, x):
+    """The bit pattern of the float32 ``x`` as an int32 (an LLVM bitcast)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(x), codegen
 
 
-@_pjit
-def _reparameterize_rows(a, logvar, out, k0, k1, backward):
-    for b in prange(a.shape[0]):
-        _reparameterize_row(a, logvar, out, k0, k1, backward, b)
+@intrinsic
+def _f64_from_bits(typingctx, bits):
+    """The float64 whose bit pattern is the integer ``bits`` (64-bit)."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth != 64:
+        return None
 
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
 
-@_jit
-def _reparameterize_rows_serial(a, logvar, out, k0, k1, backward):
-    for b in range(a.shape[0]):
-        _reparameterize_row(a, logvar, out, k0, k1, backward, b)
-
-
-# Philox costs ~18 ns an element: the pool pays for itself from far fewer elements than the loss.
-_PARALLEL_MIN_DRAWS = 1 << 14
+    return types.float64(bits), codegen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,35 +156,6 @@ _EXP_F64_LO = -707.0
 _I1022 = np.int64(1022)
 _I52 = np.int64(52)
 _K_BIAS = 2048.5  # floor(y + 0.5) = trunc(y + 2048.5) - 2048 for y > -2048
-
-
-@intrinsic
-def _f32_from_bits(typingctx, bits):
-    """The float32 whose bit pattern is the low 32 bits of the integer ``bits`` (an LLVM bitcast)."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        v = args[0]
-        if bits.bitwidth > 32:
-            v = builder.trunc(v, ir.IntType(32))
-        elif bits.bitwidth < 32:
-            v = builder.sext(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(bits), codegen
-
-
-@intrinsic
-def _f64_from_bits(typingctx, bits):
-    """The float64 whose bit pattern is the integer ``bits`` (64-bit)."""
-    if not isinstance(bits, types.Integer) or bits.bitwidth != 64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(bits), codegen
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
@@ -303,64 +279,82 @@ def _kl_row_f64(mu, lv, dmu, dlv, kl_scale, need_grad):
 
 
 @_vjit
-def _loss_row_f32(b, x, t, mu, lv, dx, dmu, dlv, row_recon, row_kl, dims, kl_scale, gs, ts, recon, need_grad):
-    features, latent = dims[0], dims[1]
-    x_stride, t_stride, mu_stride, lv_stride = dims[2], dims[3], dims[4], dims[5]
+def _kl_row_f64(mu, lv, dmu, dlv, kl_scale, need_grad):
+    """-(1 + lv - mu^2 - e^lv) / 2 summed over a row in float64; d/dmu = mu, d/dlv = (e^lv - 1) / 2."""
     acc = 0.0
-    if recon != 0:
-        x0, t0 = b * x_stride, b * t_stride
-        for f0 in range(0, features, _CHUNK):
-            f1 = min(f0 + _CHUNK, features)
-            xc, tc = x[x0 + f0 : x0 + f1], t[t0 + f0 : t0 + f1]
-            dc = dx[b, f0:f1] if need_grad else dx[b]  # dx is [B, 0] without need_grad
-            if recon == 1:
-                acc += np.float64(_bce_chunk_f32(xc, tc, dc, ts, gs, need_grad))
+    if need_grad:
+        for d in range(mu.shape[0]):
+            m = np.float64(mu[d])
+            l = np.float64(lv[d])
+            var = _exp_f64(l)
+            acc += -0.5 * ((1.0 + l) - m * m - var)
+            dmu[d] = m * kl_scale
+            dlv[d] = 0.5 * (var - 1.0) * kl_scale
+    else:
+        for d in range(mu.shape[0]):
+            m = np.float64(mu[d])
+            l = np.float64(lv[d])
+            acc += -0.5 * ((1.0 + l) - m * m - _exp_f64(l))
+    return acc
+
+
+# Operands are 1-D views of [B, n] tensors whose rows are contiguous and start at b * stride (a
+# stride may be anything, 0 for a batch-broadcast target); the gradients are C-contiguous [B, n]
+# flattened, or empty without need_grad (slicing an empty array gives an empty array: never read).
+# ``rows[0, b]`` / ``rows[1, b]`` receive the float64 reconstruction / KL sums of row b.
+@_vjit
+def _loss_row_f32(
+    b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
+):
+    acc = 0.0
+    if recon != RECON_NONE:
+        x0, t0, g0 = b * xs, b * ts, b * F
+        for f0 in range(0, F, _CHUNK):
+            f1 = min(f0 + _CHUNK, F)
+            xc, tc, dc = x[x0 + f0 : x0 + f1], t[t0 + f0 : t0 + f1], dx[g0 + f0 : g0 + f1]
+            if recon == RECON_BCE:
+                acc += np.float64(_bce_chunk_f32(xc, tc, dc, tsc, gs, need_grad))
             else:
-                acc += np.float64(_sse_chunk_f32(xc, tc, dc, ts, gs, need_grad))
-    row_recon[b] = acc
+                acc += np.float64(_sse_chunk_f32(xc, tc, dc, tsc, gs, need_grad))
+    rows[0, b] = acc
     kl = 0.0
-    if latent:
-        m0, l0 = b * mu_stride, b * lv_stride
-        kl = _kl_row_f64(mu[m0 : m0 + latent], lv[l0 : l0 + latent], dmu[b], dlv[b], kl_scale, need_grad)
-    row_kl[b] = kl
+    if D:
+        m0, l0, g0 = b * ms, b * ls, b * D
+        kl = _kl_row_f64(
+            mu[m0 : m0 + D], lv[l0 : l0 + D], dmu[g0 : g0 + D], dlv[g0 : g0 + D], kl_scale, need_grad
+        )
+    rows[1, b] = kl
+
+
+@_vjit
+def _loss_rows_f32(
+    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
+):
+    """float32 logits (any target dtype; KL in float64 whatever mu/logvar's dtype), on this thread."""
+    for b in range(rows.shape[1]):
+        _loss_row_f32(
+            b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
+        )
 
 
 @_vpjit
-def _fused_loss_rows_f32(
-    x, t, mu, lv, dx, dmu, dlv, row_recon, row_kl, dims, beta, grad_scale, t_scale, recon_kind, need_grad
+def _loss_rows_f32_par(
+    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
 ):
-    """float32 logits (any target dtype; KL in float64 whatever mu/logvar's dtype), rows in parallel.
-
-    x, t, mu, lv are 1-D contiguous views of [B, n] operands whose rows are contiguous (row b starts
-    at b * stride): a C-contiguous slice of them is what LLVM vectorizes, with no gathers.  ``dims`` is
-    (features, latent, x_stride, t_stride, mu_stride, lv_stride); the gradients are C-contiguous [B, n].
-    """
-    kl_scale, gs, ts = beta * grad_scale, np.float32(grad_scale), np.float32(t_scale)
-    for b in prange(row_recon.shape[0]):
+    """The same, rows in parallel: each row is summed by one thread, in the same order."""
+    for b in prange(rows.shape[1]):
         _loss_row_f32(
-            b, x, t, mu, lv, dx, dmu, dlv, row_recon, row_kl, dims, kl_scale, gs, ts, recon_kind, need_grad
+            b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
         )
 
 
 @_vjit
-def _fused_loss_rows_f32_serial(
-    x, t, mu, lv, dx, dmu, dlv, row_recon, row_kl, dims, beta, grad_scale, t_scale, recon_kind, need_grad
-):
-    """The same on the calling thread: small problems, where a parallel launch costs more than it saves."""
-    kl_scale, gs, ts = beta * grad_scale, np.float32(grad_scale), np.float32(t_scale)
-    for b in range(row_recon.shape[0]):
-        _loss_row_f32(
-            b, x, t, mu, lv, dx, dmu, dlv, row_recon, row_kl, dims, kl_scale, gs, ts, recon_kind, need_grad
-        )
-
-
-@_vjit
-def _kl_alone_flat(mu, lv, dmu, dlv, row_kl, latent, kl_scale, need_grad):
-    """KL alone (``kl_divergence``): one vectorizable pass over all B*D elements, then the row sums in
-    order.  Row by row, the per-row set-up costs more than a row's ~20 elements (0.9 ms vs eager's
-    0.16 ms at 4,096 x 20).  Inputs are flat C-contiguous views; float64 arithmetic as in the rows."""
-    n = mu.shape[0]
-    terms = np.empty(n)
+def _kl_alone_flat(mu, lv, dmu, dlv, rows, D, kl_scale, need_grad):
+    """KL alone (``kl_divergence``), C-contiguous mu / logvar: one vectorizable pass over all B*D
+    elements, then the row sums in order.  Row by row, the per-row set-up costs more than a row's ~20
+    elements (0.9 ms vs eager's 0.16 ms at 4,096 x 20).  Float64 arithmetic as in the rows."""
+    n = rows.shape[1] * D
+    terms = _np_empty(n)
     for i in range(n):
         m = np.float64(mu[i])
         l = np.float64(lv[i])
@@ -369,89 +363,531 @@ def _kl_alone_flat(mu, lv, dmu, dlv, row_kl, latent, kl_scale, need_grad):
         if need_grad:
             dmu[i] = m * kl_scale
             dlv[i] = 0.5 * (var - 1.0) * kl_scale
-    for b in range(row_kl.shape[0]):
+    for b in range(rows.shape[1]):
         acc = 0.0
-        for d in range(latent):
-            acc += terms[b * latent + d]
-        row_kl[b] = acc
+        for d in range(D):
+            acc += terms[b * D + d]
+        rows[0, b] = 0.0
+        rows[1, b] = acc
 
 
 # The plain scalar kernel: float64 logits (libm exp/log1p in float64 are as exact as the reference).
 @_jit
-def _loss_row_plain(
-    b, x, t, mu, lv, dx, dmu, dlv, row_recon, row_kl, beta, grad_scale, t_scale, recon, need_grad
+def _loss_row_f64(
+    b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
 ):
-    features = x.shape[1]
-    latent = mu.shape[1]
-    kl_scale = beta * grad_scale
     acc = 0.0
-    if recon == 1:  # BCE with logits: max(x,0) - x t + log1p(e^-|x|);  d/dx = sigmoid(x) - t
-        for f in range(features):
-            xv = np.float64(x[b, f])
-            tv = np.float64(t[b, f]) * t_scale
+    if recon == RECON_BCE:  # BCE with logits: max(x,0) - x t + log1p(e^-|x|);  d/dx = sigmoid(x) - t
+        for f in range(F):
+            xv = np.float64(x[b * xs + f])
+            tv = np.float64(t[b * ts + f]) * tsc
             e = math.exp(-abs(xv))
             acc += max(xv, 0.0) - xv * tv + math.log1p(e)
             if need_grad:
                 sig = 1.0 / (1.0 + e) if xv >= 0 else e / (1.0 + e)
-                dx[b, f] = (sig - tv) * grad_scale
-    elif recon == 2:  # squared error: (x - t)^2;  d/dx = 2 (x - t)
-        for f in range(features):
-            diff = np.float64(x[b, f]) - np.float64(t[b, f]) * t_scale
+                dx[b * F + f] = (sig - tv) * gs
+    elif recon != RECON_NONE:  # squared error: (x - t)^2;  d/dx = 2 (x - t)
+        for f in range(F):
+            diff = np.float64(x[b * xs + f]) - np.float64(t[b * ts + f]) * tsc
             acc += diff * diff
             if need_grad:
-                dx[b, f] = 2.0 * diff * grad_scale
-    row_recon[b] = acc
+                dx[b * F + f] = 2.0 * diff * gs
+    rows[0, b] = acc
     acc = 0.0
-    for d in range(latent):  # KL: -(1 + lv - mu^2 - e^lv)/2;  d/dmu = mu, d/dlv = (e^lv - 1)/2
-        m = np.float64(mu[b, d])
-        l = np.float64(lv[b, d])
+    for d in range(D):  # KL: -(1 + lv - mu^2 - e^lv)/2;  d/dmu = mu, d/dlv = (e^lv - 1)/2
+        m = np.float64(mu[b * ms + d])
+        l = np.float64(lv[b * ls + d])
         var = math.exp(l)
         acc += -0.5 * (1.0 + l - m * m - var)
         if need_grad:
-            dmu[b, d] = m * kl_scale
-            dlv[b, d] = 0.5 * (var - 1.0) * kl_scale
-    row_kl[b] = acc
+            dmu[b * D + d] = m * kl_scale
+            dlv[b * D + d] = 0.5 * (var - 1.0) * kl_scale
+    rows[1, b] = acc
+
+
+@_jit
+def _loss_rows_f64(
+    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
+):
+    for b in range(rows.shape[1]):
+        _loss_row_f64(
+            b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
+        )
 
 
 @_pjit
-def _fused_loss_rows(
-    x, t, mu, lv, dx, dmu, dlv, row_recon, row_kl, beta, grad_scale, t_scale, recon_kind, need_grad
+def _loss_rows_f64_par(
+    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
 ):
-    for b in prange(row_recon.shape[0]):
-        _loss_row_plain(
-            b, x, t, mu, lv, dx, dmu, dlv, row_recon, row_kl, beta, grad_scale, t_scale, recon_kind, need_grad
+    for b in prange(rows.shape[1]):
+        _loss_row_f64(
+            b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
         )
 
 
 @_jit
-def _fused_loss_rows_serial(
-    x, t, mu, lv, dx, dmu, dlv, row_recon, row_kl, beta, grad_scale, t_scale, recon_kind, need_grad
-):
-    for b in range(row_recon.shape[0]):
-        _loss_row_plain(
-            b, x, t, mu, lv, dx, dmu, dlv, row_recon, row_kl, beta, grad_scale, t_scale, recon_kind, need_grad
-        )
+def _finish(rows, out, reduction, beta, scale):
+    """The loss terms from the row sums, in ``out``'s dtype: ``out`` is (loss, recon, kl), each ``[B]``
+    for reduction none, else one value each summed over rows in order (times ``scale`` = 1/B for the
+    mean): ``loss = recon + beta * kl``."""
+    B = rows.shape[1]
+    if reduction == REDUCE_NONE:
+        for b in range(B):
+            r, k = rows[0, b], rows[1, b]
+            out[b] = r + beta * k
+            out[B + b] = r
+            out[2 * B + b] = k
+    else:
+        r = 0.0
+        k = 0.0
+        for b in range(B):
+            r += rows[0, b]
+            k += rows[1, b]
+        r *= scale
+        k *= scale
+        out[0] = r + beta * k
+        out[1] = r
+        out[2] = k
 
 
 @_jit
-def _scale_row(g, per_row, grad, b):
-    s = g[b] if per_row else g[0]
-    if s != 1.0:  # loss.backward() passes g = 1: nothing to touch
-        row = grad[b]
-        for j in range(row.shape[0]):
-            row[j] *= s
+def _strided_len(B, n, stride):
+    """Elements spanned by B rows of n contiguous elements, row b starting at b * stride."""
+    return (B - 1) * stride + n if n and B else 0
+
+
+def _make_loss_entry(X, T, M, G, O, vector: bool):
+    """The jitted entry for one dtype combination: logits X, target T, mu/logvar M, logit gradient G
+    (mu/logvar gradients are M), losses O.  ``vector``: the float32 kernel, else the float64 one."""
+
+    @_jit
+    def entry(
+        xp, tp, mp, lp, dxp, dmp, dlp, outp, B, F, D, xs, ts, ms, ls, recon, reduction, flags, beta, gs, tsc
+    ):
+        # flags: 1 = need_grad, 2 = parallel.  Pointers of absent operands are 0 with length 0.
+        need_grad = (flags & 1) != 0
+        x = numba.carray(_voidptr(xp), _strided_len(B, F, xs), X)
+        t = numba.carray(_voidptr(tp), _strided_len(B, F, ts), T)
+        mu = numba.carray(_voidptr(mp), _strided_len(B, D, ms), M)
+        lv = numba.carray(_voidptr(lp), _strided_len(B, D, ls), M)
+        dx = numba.carray(_voidptr(dxp), B * F if need_grad else 0, G)
+        dmu = numba.carray(_voidptr(dmp), B * D if need_grad else 0, M)
+        dlv = numba.carray(_voidptr(dlp), B * D if need_grad else 0, M)
+        out = numba.carray(_voidptr(outp), 3 * B if reduction == REDUCE_NONE else 3, O)
+        rows = _np_empty((2, B))
+        kl_scale = beta * gs
+        if vector:
+            if F == 0 and ms == D and ls == D:
+                _kl_alone_flat(mu, lv, dmu, dlv, rows, D, kl_scale, need_grad)
+            elif flags & 2:
+                _loss_rows_f32_par(
+                    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale,
+                    np.float32(gs), np.float32(tsc), recon, need_grad,
+                )  # fmt: skip
+            else:
+                _loss_rows_f32(
+                    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale,
+                    np.float32(gs), np.float32(tsc), recon, need_grad,
+                )  # fmt: skip
+        elif flags & 2:
+            _loss_rows_f64_par(
+                x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
+            )
+        else:
+            _loss_rows_f64(
+                x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
+            )
+        _finish(rows, out, reduction, beta, gs if reduction == REDUCE_MEAN else 1.0)
+
+    return entry
+
+
+@_jit
+def _scale_rows(g, per_row, buf, B, n):
+    """``buf[b, :] *= g[b]`` (per_row) or ``g[0]``, skipping rows whose factor is exactly 1."""
+    for b in range(B):
+        s = g[b] if per_row else g[0]
+        if s != 1.0:  # loss.backward() passes g = 1: nothing to touch
+            for j in range(b * n, (b + 1) * n):
+                buf[j] *= s
 
 
 @_pjit
-def _scale_rows(g, per_row, grad):
-    for b in prange(grad.shape[0]):
-        _scale_row(g, per_row, grad, b)
+def _scale_rows_par(g, per_row, buf, B, n):
+    for b in prange(B):
+        s = g[b] if per_row else g[0]
+        if s != 1.0:
+            for j in range(b * n, (b + 1) * n):
+                buf[j] *= s
+
+
+def _make_scale_entry(Gd, X, M):
+    """The jitted in-place scaling for gradient dtype Gd, logit gradients X and mu/logvar gradients M."""
+
+    @_jit
+    def entry(gp, per_row, dxp, dmp, dlp, B, F, D, parallel):
+        g = numba.carray(_voidptr(gp), B if per_row else 1, Gd)
+        dx = numba.carray(_voidptr(dxp), B * F, X)
+        dmu = numba.carray(_voidptr(dmp), B * D, M)
+        dlv = numba.carray(_voidptr(dlp), B * D, M)
+        if parallel:
+            _scale_rows_par(g, per_row, dx, B, F)
+            _scale_rows_par(g, per_row, dmu, B, D)
+            _scale_rows_par(g, per_row, dlv, B, D)
+        else:
+            _scale_rows(g, per_row, dx, B, F)
+            _scale_rows(g, per_row, dmu, B, D)
+            _scale_rows(g, per_row, dlv, B, D)
+
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler: Philox4x32-10 + Box-Muller, vectorized
+# ----------------------------------------------------------------------------------------------
+#
+# One loop over the counters ``offset + i`` with no branches and no libm calls, which LLVM
+# vectorizes (8 lanes of 64 bits in a zmm register; 4 in ymm):
+#
+#   Philox     32-bit words held in uint64 lanes; a round's two 32 x 32 -> 64-bit products are
+#              uint64 multiplies of values whose high halves are known zero (vpmuludq), hi = p >> 32,
+#              lo = p & 0xffffffff; the key schedule is the same for every lane (hoisted).
+#   uniforms   Triton's uint_to_uniform_float, bit for bit: the word as int32, negative -> ~x (a
+#              select), to float32, times 4.6566127342e-10 in float32; u1 floored at 1e-7.
+#   log(u1)    u1 = 2^e m (bits of the float32), m in [sqrt(1/2), sqrt(2)), f = m - 1:
+#              log(1 + f) = f - f^2/2 + s (f^2/2 + R(s^2)), s = f / (2 + f) (fdlibm's e_log.c: < 1 ulp)
+#   cos(theta) theta = float32(2 pi u2) in [0, 2 pi): k = round(theta / (pi/2)), r = theta - k pi/2
+#              with pi/2 in two parts (theta - k * PIO2_1 is exact), then +-cos(r) or +-sin(r) by k
+#              (fdlibm's k_cos.c / k_sin.c polynomials on |r| <= pi/4: < 1 ulp)
+#   eps        sqrt(-2 log u1) cos(theta) in float64: a few float64 ulp from fastvae.reference.randn
+#   float32    for float32 inputs the same steps run in float32 after the uniforms (FreeBSD logf,
+#              Cephes sinf / cosf / expf polynomials): within 3 float32 ulp of the reference, with
+#              the floating-point part in 8 float32 lanes.
+#
+# The generated code was checked (inspect_asm): the float32 loops do their Philox products as
+# vpmuludq on zmm registers (17 of a draw's 19 products; LLVM leaves 2 as vpmullq), the float64
+# loops the same on ymm, the float32 Box-Muller on ymm (vsqrtps); no calls inside the loops.
+#
+# fastmath: only 'contract' (FMA); the compensated sums of the polynomials must not be reassociated.
+
+_SAMPLER_FM = {"contract"}
+_sjit = numba.njit(cache=True, fastmath=_SAMPLER_FM, error_model="numpy", nogil=True)
+_spjit = numba.njit(cache=True, fastmath=_SAMPLER_FM, error_model="numpy", nogil=True, parallel=True)
+_sinline = numba.njit(cache=True, fastmath=_SAMPLER_FM, error_model="numpy", inline="always")
+
+_U0 = np.uint64(0)
+_M32 = np.uint64(0xFFFFFFFF)
+_S32 = np.uint64(32)
+_KEY_A = np.uint64(0x9E3779B9)
+_KEY_B = np.uint64(0xBB67AE85)
+_ROUND_A = np.uint64(0xD2511F53)
+_ROUND_B = np.uint64(0xCD9E8D57)
+_HALF_RANGE = np.uint64(0x80000000)
+_UNIFORM_SCALE = np.float32(4.6566127342e-10)
+_TWO_PI_F32 = np.float32(6.283185307179586)
+_U1_FLOOR = np.float32(1.0e-7)
+
+_I8M = np.int32(0x007FFFFF)  # float32 mantissa bits
+_I_ONE = np.int32(0x3F800000)  # float32 1.0
+_SQRT2_F32 = np.float32(1.4142135)
+_LN2_HI = 6.93147180369123816490e-01  # fdlibm e_log.c
+_LN2_LO = 1.90821492927058770002e-10
+_LG1, _LG2 = 6.666666666666735130e-01, 3.999999999940941908e-01
+_LG3, _LG4 = 2.857142874366239149e-01, 2.222219843214978396e-01
+_LG5, _LG6, _LG7 = 1.818357216161805012e-01, 1.531383769920937332e-01, 1.479819860511658591e-01
+_TWO_OVER_PI = 6.36619772367581382433e-01
+_PIO2_1 = 1.57079632673412561417e00  # first 33 bits of pi/2 (fdlibm e_rem_pio2.c)
+_PIO2_1T = 6.07710050650619224932e-11  # pi/2 - _PIO2_1
+_S1, _S2 = -1.66666666666666324348e-01, 8.33333333332248946124e-03  # fdlibm k_sin.c
+_S3, _S4 = -1.98412698298579493134e-04, 2.75573137070700676789e-06
+_S5, _S6 = -2.50507602534068634195e-08, 1.58969099521155010221e-10
+_C1, _C2 = 4.16666666666666019037e-02, -1.38888888888741095749e-03  # fdlibm k_cos.c
+_C3, _C4 = 2.48015872894767294178e-05, -2.75573143513906633035e-07
+_C5, _C6 = 2.08757232129817482790e-09, -1.13596475577881948265e-11
+
+# float32 Box-Muller (float32 inputs): FreeBSD's e_logf.c (|error| < 2^-34 in the polynomial) and
+# Cephes sinf / cosf on |r| <= pi/4, pi/2 in three parts (Cephes DP1..3, doubled).
+_LN2_HI_F = np.float32(float.fromhex("0x1.62e300p-1"))  # 6.9313812256e-01
+_LN2_LO_F = np.float32(float.fromhex("0x1.2fefa2p-17"))  # 9.0580006145e-06
+_LGF1, _LGF2 = np.float32(float.fromhex("0xaaaaaa.0p-24")), np.float32(float.fromhex("0xccce13.0p-25"))
+_LGF3, _LGF4 = np.float32(float.fromhex("0x91e9ee.0p-25")), np.float32(float.fromhex("0xf89e26.0p-26"))
+_F_HALF, _F_ONE, _F_TWO, _F_M2 = np.float32(0.5), np.float32(1.0), np.float32(2.0), np.float32(-2.0)
+_TWO_OVER_PI_F = np.float32(6.36619772367581382433e-01)
+_PIO2_A, _PIO2_B = np.float32(1.5703125), np.float32(4.837512969970703125e-4)
+_PIO2_C = np.float32(7.54978995489188216e-8)
+_SF1, _SF2, _SF3 = np.float32(-1.6666654611e-1), np.float32(8.3321608736e-3), np.float32(-1.9515295891e-4)
+_CF1, _CF2 = np.float32(4.166664568298827e-2), np.float32(-1.388731625493765e-3)
+_CF3 = np.float32(2.443315711809948e-5)
+_EXP_HI_F, _EXP_LO_F = np.float32(90.0), np.float32(-104.0)  # e^90 overflows, e^-104 underflows
+_K_BIAS_F = np.float32(256.5)  # floor(y + 0.5) = trunc(y + 256.5) - 256 for y > -256
+
+
+@_sinline
+def _uniform(word):
+    """Triton's uint_to_uniform_float of a 32-bit word (in a uint64): as int32, negative -> ~x."""
+    x = word if word < _HALF_RANGE else _M32 - word  # ~x of a negative int32, as a non-negative integer
+    return np.float32(np.int32(x)) * _UNIFORM_SCALE
+
+
+@_sinline
+def _log_f32_arg(u):
+    """log(u) in float64 for a positive normal float32 u (fdlibm's reduction and polynomial)."""
+    bits = _bits_from_f32(u)
+    e = np.int32(bits >> 23) - np.int32(127)
+    m = _f32_from_bits((bits & _I8M) | _I_ONE)  # u = 2^e m, m in [1, 2): exact
+    big = m > _SQRT2_F32
+    f = np.float64(m) * (0.5 if big else 1.0) - 1.0  # m in [sqrt(1/2), sqrt(2)): exact
+    k = np.float64(e + (1 if big else 0))
+    s = f / (2.0 + f)
+    z = s * s
+    r = z * (_LG1 + z * (_LG2 + z * (_LG3 + z * (_LG4 + z * (_LG5 + z * (_LG6 + z * _LG7))))))
+    hfsq = 0.5 * f * f
+    return k * _LN2_HI - ((hfsq - (s * (hfsq + r) + k * _LN2_LO)) - f)
+
+
+@_sinline
+def _cos_0_2pi(theta):
+    """cos(theta) in float64 for theta in [0, 2 pi] (quadrant reduction, fdlibm kernels)."""
+    k = np.int64(theta * _TWO_OVER_PI + 0.5)  # nearest multiple of pi/2: 0..4
+    kf = np.float64(k)
+    r = (theta - kf * _PIO2_1) - kf * _PIO2_1T  # |r| <= pi/4; the first difference is exact
+    z = r * r
+    sin_r = r + (z * r) * (_S1 + z * (_S2 + z * (_S3 + z * (_S4 + z * (_S5 + z * _S6)))))
+    hz = 0.5 * z
+    w = 1.0 - hz
+    cos_r = w + (((1.0 - w) - hz) + (z * z) * (_C1 + z * (_C2 + z * (_C3 + z * (_C4 + z * (_C5 + z * _C6))))))
+    v = sin_r if k & 1 else cos_r  # cos(r + k pi/2) = cos r, -sin r, -cos r, sin r
+    return -v if (k + 1) & 2 else v
+
+
+@_sinline
+def _log_f32(u):
+    """log(u) in float32 for a positive normal float32 u (FreeBSD's e_logf.c reduction and polynomial)."""
+    bits = _bits_from_f32(u)
+    e = np.int32(bits >> 23) - np.int32(127)
+    m = _f32_from_bits((bits & _I8M) | _I_ONE)  # u = 2^e m, m in [1, 2): exact
+    big = m > _SQRT2_F32
+    f = m * (_F_HALF if big else _F_ONE) - _F_ONE  # m in [sqrt(1/2), sqrt(2)): exact
+    k = np.float32(e + (1 if big else 0))
+    s = f / (_F_TWO + f)
+    z = s * s
+    w = z * z
+    r = z * (_LGF1 + w * _LGF3) + w * (_LGF2 + w * _LGF4)
+    hfsq = _F_HALF * f * f
+    return k * _LN2_HI_F - ((hfsq - (s * (hfsq + r) + k * _LN2_LO_F)) - f)
+
+
+@_sinline
+def _cos_f32(theta):
+    """cos(theta) in float32 for theta in [0, 2 pi] (quadrant reduction, Cephes polynomials)."""
+    k = np.int32(theta * _TWO_OVER_PI_F + _F_HALF)  # nearest multiple of pi/2: 0..4
+    kf = np.float32(k)
+    r = ((theta - kf * _PIO2_A) - kf * _PIO2_B) - kf * _PIO2_C  # |r| <= pi/4; the first step is exact
+    z = r * r
+    sin_r = ((_SF3 * z + _SF2) * z + _SF1) * z * r + r
+    cos_r = ((_CF3 * z + _CF2) * z + _CF1) * z * z - _F_HALF * z + _F_ONE
+    v = sin_r if k & 1 else cos_r  # cos(r + k pi/2) = cos r, -sin r, -cos r, sin r
+    return -v if (k + 1) & 2 else v
+
+
+@_sinline
+def _exp_f32(v):
+    """e^v in float32: a few ulp; inf above 88.7, 0 (through the subnormals) below -103.9; NaN stays."""
+    c = _EXP_HI_F if v > _EXP_HI_F else v  # NaN stays NaN
+    c = _EXP_LO_F if c < _EXP_LO_F else c
+    ck = c if c == c else _F0  # a finite value to take k from
+    k = np.int32(ck * _LOG2E_F32 + _K_BIAS_F) - np.int32(256)  # round(c / ln2) in [-150, 130]
+    kf = np.float32(k)
+    r = (c - kf * _LN2_HI_F32) - kf * _LN2_LO_F32  # |r| <= ln2/2 (+ rounding)
+    p = _EP5 * r + _EP4
+    p = p * r + _EP3
+    p = p * r + _EP2
+    p = p * r + _EP1
+    p = p * r + _EP0
+    p = p * (r * r) + (r + _F1)
+    k1 = k >> np.int32(1)
+    s1 = _f32_from_bits((_I127 + k1) << _I23)  # 2^k1 and 2^(k - k1), both normal
+    s2 = _f32_from_bits((_I127 + (k - k1)) << _I23)
+    return (p * s1) * s2
+
+
+@_sinline
+def _philox_words(k0, k1, counter):
+    """The first two words of Philox4x32-10 keyed (k0, k1) at the counter (lo, hi, 0, 0)."""
+    k0 = k0 & _M32  # known 32-bit values: every product is a 32 x 32 -> 64-bit vpmuludq, no vpmullq
+    k1 = k1 & _M32
+    c0 = counter & _M32
+    c1 = counter >> _S32
+    c2 = _U0
+    c3 = _U0
+    for _ in range(10):
+        prod_b = _ROUND_B * c2
+        prod_a = _ROUND_A * c0
+        c0 = (prod_b >> _S32) ^ c1 ^ k0
+        c1 = prod_b & _M32
+        c2 = (prod_a >> _S32) ^ c3 ^ k1
+        c3 = prod_a & _M32
+        k0 = (k0 + _KEY_A) & _M32
+        k1 = (k1 + _KEY_B) & _M32
+    return c0, c1
+
+
+@_sinline
+def _randn(k0, k1, counter):
+    """``tl.randn`` at one 64-bit counter: Philox4x32-10 on (lo, hi, 0, 0), Box-Muller, float64."""
+    c0, c1 = _philox_words(k0, k1, counter)
+    u1 = _uniform(c0)
+    u1 = u1 if u1 > _U1_FLOOR else _U1_FLOOR
+    theta = np.float64(_TWO_PI_F32 * _uniform(c1))  # a float32 product, as in the kernel
+    return math.sqrt(-2.0 * _log_f32_arg(u1)) * _cos_0_2pi(theta)
+
+
+@_sinline
+def _randn_f32(k0, k1, counter):
+    """The same in float32 after the (identical) float32 uniforms: a few float32 ulp."""
+    c0, c1 = _philox_words(k0, k1, counter)
+    u1 = _uniform(c0)
+    u1 = u1 if u1 > _U1_FLOOR else _U1_FLOOR
+    theta = _TWO_PI_F32 * _uniform(c1)
+    return np.sqrt(_F_M2 * _log_f32(u1)) * _cos_f32(theta)
+
+
+# What a sampling span computes (``mode``); 2 and 3 are the eps memo's (see _memo below).
+_Z, _DLOGVAR, _Z_KEEP, _DLOGVAR_KEPT = 0, 1, 2, 3
+
+
+@_sjit
+def _sample_span_f32(a, lv, out, kept, k0, k1, base, mode):
+    """float32 arrays, float32 arithmetic, ``eps = randn(key, base + i)``, ``std = exp(lv[i] / 2)``:
+
+    _Z             z = a + std eps (a = mu)                    12 bytes an element moved
+    _DLOGVAR       dlogvar = a std eps / 2 (a = dz)            12 bytes
+    _Z_KEEP        z, and kept[i] = eps                        16 bytes
+    _DLOGVAR_KEPT  dlogvar with eps = kept[i]: no Philox       16 bytes
+    """
+    n = out.shape[0]
+    if mode == _Z:
+        for i in range(n):
+            out[i] = a[i] + _exp_f32(_F_HALF * lv[i]) * _randn_f32(k0, k1, base + np.uint64(i))
+    elif mode == _DLOGVAR:
+        for i in range(n):
+            out[i] = _F_HALF * a[i] * _exp_f32(_F_HALF * lv[i]) * _randn_f32(k0, k1, base + np.uint64(i))
+    elif mode == _Z_KEEP:
+        for i in range(n):
+            eps = _randn_f32(k0, k1, base + np.uint64(i))
+            kept[i] = eps
+            out[i] = a[i] + _exp_f32(_F_HALF * lv[i]) * eps
+    else:
+        for i in range(n):
+            out[i] = _F_HALF * a[i] * _exp_f32(_F_HALF * lv[i]) * kept[i]
+
+
+@_sjit
+def _sample_span(a, lv, out, kept, k0, k1, base, mode):
+    """The same for float64 arrays, in float64 arithmetic after the float32 uniforms (twice the bytes)."""
+    n = out.shape[0]
+    if mode == _Z:
+        for i in range(n):
+            out[i] = a[i] + _exp_f64(0.5 * lv[i]) * _randn(k0, k1, base + np.uint64(i))
+    elif mode == _DLOGVAR:
+        for i in range(n):
+            out[i] = 0.5 * a[i] * _exp_f64(0.5 * lv[i]) * _randn(k0, k1, base + np.uint64(i))
+    elif mode == _Z_KEEP:
+        for i in range(n):
+            eps = _randn(k0, k1, base + np.uint64(i))
+            kept[i] = eps
+            out[i] = a[i] + _exp_f64(0.5 * lv[i]) * eps
+    else:
+        for i in range(n):
+            out[i] = 0.5 * a[i] * _exp_f64(0.5 * lv[i]) * kept[i]
+
+
+@_sjit
+def _eps_span(u1, u2, eps, eps32, k0, k1, base):
+    """The sampler alone (tests, benchmarks): the uniform pair and eps (float64 and float32 arithmetic)
+    of each counter ``base + i``."""
+    for i in range(eps.shape[0]):
+        c0, c1 = _philox_words(k0, k1, base + np.uint64(i))
+        u1[i] = _uniform(c0)
+        u2[i] = _uniform(c1)
+        eps[i] = _randn(k0, k1, base + np.uint64(i))
+        eps32[i] = _randn_f32(k0, k1, base + np.uint64(i))
 
 
 @_jit
-def _scale_rows_serial(g, per_row, grad):
-    for b in range(grad.shape[0]):
-        _scale_row(g, per_row, grad, b)
+def _key_bits(kp, key_bits):
+    """The 64-bit key: read at ``kp`` (an int64 tensor's data) when not 0, else ``key_bits``."""
+    if kp:
+        return numba.carray(_voidptr(kp), 1, np.int64)[0]
+    return key_bits
+
+
+@_jit
+def _key_words(bits):
+    """The Philox key words (lo, hi) of a 64-bit key."""
+    k = np.uint64(bits)
+    return k & _M32, k >> _S32
+
+
+# Elements per parallel task (a multiple of the vector width): large enough to amortize a task.
+_SAMPLE_CHUNK = 4096
+# Philox + Box-Muller cost ~3 ns an element serially; from 2^15 draws (~0.1 ms) the halved time
+# outweighs waking Numba's OpenMP pool, whose spin afterwards slows the torch ops that follow.
+_PARALLEL_MIN_DRAWS = 1 << 15
+
+
+def _make_sampler(dt):
+    """The jitted reparameterize entries (serial, parallel) for inputs and output of dtype ``dt``.
+
+    ``kp`` points at the key tensor's int64 (0: the key is ``key_bits``).  ``ep`` (0: none) points at
+    an eps memo buffer: its first 8 bytes hold the key (int64) and then ``n`` eps of dtype ``dt``.
+    _Z_KEEP fills it; _DLOGVAR_KEPT reads it if it holds this key, else draws eps again (_DLOGVAR).
+    """
+    single = dt == np.float32
+
+    @_jit
+    def serial(ap, lp, op, n, kp, key_bits, offset, mode, ep):
+        bits = _key_bits(kp, key_bits)
+        k0, k1 = _key_words(bits)
+        a = numba.carray(_voidptr(ap), n, dt)
+        lv = numba.carray(_voidptr(lp), n, dt)
+        out = numba.carray(_voidptr(op), n, dt)
+        kept = numba.carray(_voidptr(ep + 8 if ep else 0), n if ep else 0, dt)
+        if ep:
+            box = numba.carray(_voidptr(ep), 1, np.int64)
+            if mode == _Z_KEEP:
+                box[0] = bits
+            elif box[0] != bits:
+                mode = _DLOGVAR
+        if single:
+            _sample_span_f32(a, lv, out, kept, k0, k1, np.uint64(offset), mode)
+        else:
+            _sample_span(a, lv, out, kept, k0, k1, np.uint64(offset), mode)
+
+    @_pjit
+    def parallel(ap, lp, op, n, kp, key_bits, offset, mode, ep):
+        bits = _key_bits(kp, key_bits)
+        k0, k1 = _key_words(bits)
+        a = numba.carray(_voidptr(ap), n, dt)
+        lv = numba.carray(_voidptr(lp), n, dt)
+        out = numba.carray(_voidptr(op), n, dt)
+        kept = numba.carray(_voidptr(ep + 8 if ep else 0), n if ep else 0, dt)
+        if ep:
+            box = numba.carray(_voidptr(ep), 1, np.int64)
+            if mode == _Z_KEEP:
+                box[0] = bits
+            elif box[0] != bits:
+                mode = _DLOGVAR
+        for c in prange((n + _SAMPLE_CHUNK - 1) // _SAMPLE_CHUNK):
+            s = c * _SAMPLE_CHUNK
+            e = min(s + _SAMPLE_CHUNK, n)
+            k = kept[s:e] if ep else kept
+            if single:
+                _sample_span_f32(a[s:e], lv[s:e], out[s:e], k, k0, k1, np.uint64(offset) + np.uint64(s), mode)
+            else:
+                _sample_span(a[s:e], lv[s:e], out[s:e], k, k0, k1, np.uint64(offset) + np.uint64(s), mode)
+
+    return serial, parallel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,128 +895,236 @@ def _scale_rows_serial(g, per_row, grad):
 # ----------------------------------------------------------------------------------------------
 
 _NATIVE = (torch.float32, torch.float64)
+_TARGETS = (torch.float32, torch.float64, torch.uint8)
+_NP = {torch.float32: np.float32, torch.float64: np.float64, torch.uint8: np.uint8}
+_SAMPLERS = {dt: _make_sampler(_NP[dt]) for dt in _NATIVE}
+_LOSS_ENTRIES: dict = {}
+_SCALE_ENTRIES: dict = {}
+_KEY_HELP = "an int in [0, 2**64) or a 1-element int64 CPU tensor"
 
 
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view (or, for fp16/bf16, a float32 copy) of a CPU tensor."""
-    if t.dtype not in _NATIVE and t.dtype != torch.uint8:
-        t = t.float()
-    return t.detach().numpy()
+def _rows_of(a: torch.Tensor, name: str) -> tuple[int, int]:
+    """(data pointer, row stride) of a [B, n] CPU tensor whose rows are contiguous."""
+    st = a.stride()
+    if len(st) != 2 or (st[1] != 1 and a.shape[1] > 1) or not a.is_cpu:
+        raise ValueError(f"{name} must be a [B, n] CPU tensor with contiguous rows, got {tuple(a.shape)}")
+    return a.data_ptr(), st[0]
 
 
-def _flat_rows(a: np.ndarray) -> tuple[np.ndarray, int]:
-    """A [B, n] array whose rows are contiguous, as a 1-D contiguous view from its first element to its
-    last, and the row stride in elements (n when C-contiguous; anything, even 0, for strided rows)."""
-    rows, n = a.shape
-    if a.flags.c_contiguous:
-        return a.reshape(-1), n
-    if n > 1 and a.strides[1] != a.itemsize:
-        a = np.ascontiguousarray(a)  # not reached through fastvae.ops, whose rows are contiguous
-        return a.reshape(-1), n
-    stride = a.strides[0] // a.itemsize
-    length = (rows - 1) * stride + n if n else 0
-    return np.lib.stride_tricks.as_strided(a, shape=(length,), strides=(a.itemsize,)), stride
+def fused_loss(
+    p: LossProblem,
+    logits: torch.Tensor | None,
+    target: torch.Tensor | None,
+    mu: torch.Tensor | None,
+    logvar: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, recon, kl, dlogits, dmu, dlogvar)`` of ``recon(logits, target) + beta * KL(mu, logvar)``.
 
-
-def _grad_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    dtype = like.dtype if like.dtype in _NATIVE else torch.float32
-    return torch.empty(shape, dtype=dtype)
-
-
-def _split_seed(seed: int) -> tuple[np.uint64, np.uint64]:
-    return np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
-
-
-def _reparameterize(a: torch.Tensor, logvar: torch.Tensor, seed: int, backward: bool) -> torch.Tensor:
-    shape = a.shape
-    a2, lv2 = a.reshape(shape[0] if a.dim() else 1, -1), logvar.reshape(shape[0] if a.dim() else 1, -1)
-    out = _grad_buffer(tuple(a2.shape), a)
-    k0, k1 = _split_seed(seed)
-    kernel = _reparameterize_rows if a2.numel() >= _PARALLEL_MIN_DRAWS else _reparameterize_rows_serial
-    kernel(_as_numpy(a2), _as_numpy(lv2), out.numpy(), k0, k1, backward)
-    return out.to(a.dtype).reshape(shape)
-
-
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, seed: int) -> torch.Tensor:
-    """z = mu + exp(logvar / 2) * randn(seed, flat index)."""
-    return _reparameterize(mu, logvar, seed, backward=False)
-
-
-def reparameterize_backward(dz: torch.Tensor, logvar: torch.Tensor, seed: int) -> torch.Tensor:
-    """dlogvar = 0.5 * dz * exp(logvar / 2) * randn(seed, flat index)."""
-    return _reparameterize(dz, logvar, seed, backward=True)
-
-
-def fused_loss(logits, target, mu, logvar, beta: float, reduction: str, recon: str, need_grad: bool):
-    """Same contract as ``fused_loss.fused_loss`` (Triton)."""
-    ref = logits if logits is not None else mu
-    B = ref.shape[0]
-    F = logits.shape[1] if logits is not None else 0
-    D = mu.shape[1] if mu is not None else 0
-    acc_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
-    # Absent operands are empty [B, 0] arrays of the present one's dtype (fewer specialisations).
-    dummy = np.zeros((B, 0), dtype=np.float64 if ref.dtype == torch.float64 else np.float32)
-    x = _as_numpy(logits) if F else dummy
-    t = _as_numpy(target) if F else dummy
-    m = _as_numpy(mu) if D else dummy
-    lv = _as_numpy(logvar) if D else dummy
-    dx = _grad_buffer((B, F), logits) if need_grad and F else None
-    dmu = _grad_buffer((B, D), mu) if need_grad and D else None
-    dlv = _grad_buffer((B, D), logvar) if need_grad and D else None
-    row_recon = np.empty(B, dtype=np.float64)
-    row_kl = np.empty(B, dtype=np.float64)
-    grad_scale = 1.0 / B if reduction == "mean" else 1.0
-    t_scale = 1.0 / 255.0 if F and target.dtype == torch.uint8 else 1.0
-    # float32 logits (fp16/bf16 arrive here as float32 copies) take the vectorized kernel; float64
-    # logits the scalar one, whose libm exp/log1p are as exact as the float64 reference.
+    Per row: BCE ``max(x, 0) - x t + log1p(e^-|x|)`` (d/dx = sigmoid(x) - t) or squared error
+    ``(x - t)^2`` (d/dx = 2 (x - t)); KL ``-(1 + lv - mu^2 - e^lv) / 2`` (d/dmu = mu,
+    d/dlv = (e^lv - 1) / 2); gradients times ``p.grad_scale`` (KL's times ``beta`` too).  One pass
+    reads logits, target, mu, logvar once and writes the gradients once; the losses are one buffer
+    of 3 (or 3 x B) values in ``p.acc``.  See :class:`fastvae.backend.Backend`.
+    """
+    B, F, D = p.B, p.F, p.D
+    if F:
+        x = logits if logits.dtype in _NATIVE else logits.float()
+        t = target if target.dtype in _TARGETS else target.float()
+        (xp, xs), (tp, ts) = _rows_of(x, "logits"), _rows_of(t, "target")
+        X, T = x.dtype, t.dtype
+        tsc = 1.0 / 255.0 if T == torch.uint8 else 1.0
+    else:
+        xp = xs = tp = ts = 0
+        tsc = 1.0
+    if D:
+        m = mu if mu.dtype in _NATIVE else mu.float()
+        lv = logvar if logvar.dtype == m.dtype else logvar.to(m.dtype)
+        (mp, ms), (lp, ls) = _rows_of(m, "mu"), _rows_of(lv, "logvar")
+        M = m.dtype
+        if not F:
+            X = T = M
+    else:
+        mp = ms = lp = ls = 0
+        M = X
+    need = p.need_grad
+    dx = torch.empty((B, F), dtype=X) if need and F else None
+    dmu = torch.empty((B, D), dtype=M) if need and D else None
+    dlv = torch.empty((B, D), dtype=M) if need and D else None
+    none = p.reduction == REDUCE_NONE
+    out = torch.empty(3 * B if none else 3, dtype=p.acc)
+    key = (X, T, M, p.acc)
+    entry = _LOSS_ENTRIES.get(key)
+    if entry is None:
+        entry = _LOSS_ENTRIES[key] = _make_loss_entry(
+            _NP[X], _NP[T], _NP[M], _NP[X], _NP[p.acc], X == torch.float32
+        )
     parallel = B > 1 and B * (F + 8 * D) >= _PARALLEL_MIN_WORK
-    dx_np = dx.numpy() if dx is not None else np.zeros((B, 0), dtype=x.dtype)
-    dmu_np = dmu.numpy() if dmu is not None else np.zeros((B, 0), dtype=m.dtype)
-    dlv_np = dlv.numpy() if dlv is not None else np.zeros((B, 0), dtype=lv.dtype)
-    scalars = (float(beta), grad_scale, t_scale, {"none": 0, "bce": 1, "mse": 2}[recon], need_grad)
-    if not F:
-        row_recon.fill(0.0)
-        flat = lambda a: np.ascontiguousarray(a).reshape(-1)  # noqa: E731
-        kl_scale = float(beta) * grad_scale
-        _kl_alone_flat(flat(m), flat(lv), flat(dmu_np), flat(dlv_np), row_kl, D, kl_scale, need_grad)
-    elif x.dtype == np.float32:
-        (xf, xs), (tf, ts), (mf, ms), (lf, ls) = (_flat_rows(a) for a in (x, t, m, lv))
-        dims = np.array([F, D, xs, ts, ms, ls], dtype=np.int64)
-        kernel = _fused_loss_rows_f32 if parallel else _fused_loss_rows_f32_serial
-        kernel(xf, tf, mf, lf, dx_np, dmu_np, dlv_np, row_recon, row_kl, dims, *scalars)
-    else:
-        kernel = _fused_loss_rows if parallel else _fused_loss_rows_serial
-        kernel(x, t, m, lv, dx_np, dmu_np, dlv_np, row_recon, row_kl, *scalars)
-
-    def grad_out(buf, like):
-        if buf is None:
-            return torch.empty(0, dtype=ref.dtype)
-        return buf.to(like.dtype)
-
-    if reduction == "none":
-        per_sample = row_recon + beta * row_kl
-        terms = (per_sample, row_recon, row_kl)
-    else:
-        scale = 1.0 / B if reduction == "mean" else 1.0
-        r, k = row_recon.sum() * scale, row_kl.sum() * scale  # NumPy's fixed pairwise order
-        terms = (np.asarray(r + beta * k), np.asarray(r), np.asarray(k))
-    loss, rec, kl = (torch.from_numpy(np.array(v, dtype=np.float64)).to(acc_dtype) for v in terms)
-    return loss, rec, kl, grad_out(dx, logits), grad_out(dmu, mu), grad_out(dlv, logvar)
+    entry(
+        xp, tp, mp, lp,
+        dx.data_ptr() if dx is not None else 0,
+        dmu.data_ptr() if dmu is not None else 0,
+        dlv.data_ptr() if dlv is not None else 0,
+        out.data_ptr(), B, F, D, xs, ts, ms, ls, p.recon, p.reduction,
+        (1 if need else 0) | (2 if parallel else 0), p.beta, p.grad_scale, tsc,
+    )  # fmt: skip
+    loss, rec, kl = out.view(3, B).unbind(0) if none else out.unbind(0)
+    # Gradients in their operand's dtype (fp16 / bf16 were computed in float32), or empty.
+    dtype = (logits if F else mu).dtype
+    dx = torch.empty(0, dtype=dtype) if dx is None else dx if X == logits.dtype else dx.to(logits.dtype)
+    if dmu is None:
+        dmu, dlv = torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype)
+    elif M != mu.dtype or M != logvar.dtype:
+        dmu, dlv = dmu.to(mu.dtype), dlv.to(logvar.dtype)
+    return loss, rec, kl, dx, dmu, dlv
 
 
-def scale_rows_(grad: torch.Tensor, dlogits: torch.Tensor, dmu: torch.Tensor, dlogvar: torch.Tensor) -> None:
-    """In place: each saved gradient row *= g (scalar or per row), skipping rows where g == 1."""
-    g = grad.detach().reshape(-1).to(torch.float64).numpy()
-    if (g == 1.0).all():  # loss.backward(): nothing to do, and no parallel launch to pay for
-        return
+def scale_grads_(grad: torch.Tensor, dlogits: torch.Tensor, dmu: torch.Tensor, dlogvar: torch.Tensor) -> None:
+    """In place: every gradient row ``b *= grad`` (0-d) or ``grad[b]`` ([B]); rows with factor 1 are
+    not touched (each touched element read and written once)."""
     per_row = grad.dim() == 1
+    g = (grad if grad.dtype in _NATIVE else grad.float()).contiguous()
+    kernel = []  # (buffer, in the jitted kernel?) of each non-empty gradient
     for buf in (dlogits, dmu, dlogvar):
         if buf.numel() == 0:
-            continue
-        kernel = _scale_rows if buf.shape[0] > 1 and buf.numel() >= _PARALLEL_MIN_WORK else _scale_rows_serial
-        if buf.dtype in _NATIVE:
-            kernel(g, per_row, buf.numpy())
+            kernel.append(False)
+        elif buf.dtype in _NATIVE and buf.is_contiguous():
+            kernel.append(True)
+        else:  # fp16 / bf16: through float32, one rounding
+            buf.copy_(buf.float() * (g.reshape(-1, 1) if per_row else g).float())
+            kernel.append(False)
+    has_x, has_m = kernel[0], kernel[1] and kernel[2]
+    if not (has_x or has_m):
+        return
+    B = (dlogits if has_x else dmu).shape[0]
+    F = dlogits.shape[1] if has_x else 0
+    D = dmu.shape[1] if has_m else 0
+    if per_row and g.shape[0] != B:
+        raise ValueError(f"grad must be 0-d or [B] with B = {B}, got {tuple(grad.shape)}")
+    X = dlogits.dtype if has_x else dmu.dtype
+    M = dmu.dtype if has_m else X
+    key = (g.dtype, X, M)
+    entry = _SCALE_ENTRIES.get(key)
+    if entry is None:
+        entry = _SCALE_ENTRIES[key] = _make_scale_entry(_NP[g.dtype], _NP[X], _NP[M])
+    entry(
+        g.data_ptr(),
+        per_row,
+        dlogits.data_ptr() if has_x else 0,
+        dmu.data_ptr() if has_m else 0,
+        dlogvar.data_ptr() if has_m else 0,
+        B,
+        F,
+        D,
+        B > 1 and B * (F + 2 * D) >= _PARALLEL_MIN_WORK,
+    )
+
+
+def _key_args(key: Key) -> tuple[int, int]:
+    """(pointer, bits): a tensor key is read by the kernel at its pointer (never on the host); an int
+    key travels as its 64 bits in an int64."""
+    if isinstance(key, torch.Tensor):
+        if key.dtype != torch.int64 or key.numel() != 1 or not key.is_cpu:
+            raise ValueError(f"key must be {_KEY_HELP}, got a {key.dtype} tensor of shape {tuple(key.shape)}")
+        return key.data_ptr(), 0
+    bits = operator.index(key)
+    if not 0 <= bits < 1 << 64:
+        raise ValueError(f"key must be {_KEY_HELP}, got {bits}")
+    return 0, bits - (1 << 64) if bits >= 1 << 63 else bits
+
+
+# The eps memo.  The backward needs the eps its forward drew; drawing them again costs as much as
+# the forward (Philox + Box-Muller, ~3 ns an element), while keeping them costs one more store in
+# the forward and turns the backward into an elementwise pass (~0.3 ns an element): eager PyTorch
+# keeps its eps tensor for the same reason.  A forward of _MEMO_MIN.._MEMO_MAX draws keeps its eps,
+# with the key the kernel read, in a fresh buffer; the last _MEMO_SLOTS buffers are kept, found by
+# (dtype, offset, n).  The backward's kernel uses a buffer only if it holds the same key (compared
+# in the kernel: a tensor key is never read on the host), else it draws eps again, so results are
+# bit-identical either way (eps depends on key, offset and index only).  Buffers are never written
+# after they are listed, so threads may share them; at most _MEMO_SLOTS * _MEMO_MAX eps are held.
+_MEMO_MIN = 1 << 11  # below this, drawing again costs less than the bookkeeping
+_MEMO_MAX = 1 << 20
+_MEMO_SLOTS = 4
+_memo: list[tuple[torch.dtype, int, int, torch.Tensor]] = []
+_memo_lock = threading.Lock()
+
+
+def _memo_find(dtype: torch.dtype, offset: int, n: int) -> torch.Tensor | None:
+    with _memo_lock:
+        for d, o, m, buf in reversed(_memo):
+            if m == n and o == offset and d == dtype:
+                return buf
+    return None
+
+
+def _memo_keep(entry: tuple[torch.dtype, int, int, torch.Tensor]) -> None:
+    with _memo_lock:
+        _memo.append(entry)
+        if len(_memo) > _MEMO_SLOTS:
+            del _memo[0]
+
+
+def _sample(a: torch.Tensor, logvar: torch.Tensor, key: Key, offset: int, backward: bool, name: str):
+    kp, bits = _key_args(key)
+    if offset < 0:
+        raise ValueError(f"offset must be an int >= 0, got {offset}")
+    dtype = a.dtype
+    if logvar.dtype != dtype or logvar.shape != a.shape:
+        raise ValueError(f"logvar must have {name}'s shape and dtype {tuple(a.shape)} {dtype}")
+    if not (a.is_contiguous() and logvar.is_contiguous()) or not a.is_cpu:
+        raise ValueError(f"{name} and logvar must be contiguous CPU tensors")
+    n = a.numel()
+    kernels = _SAMPLERS.get(dtype)
+    cdtype = dtype if kernels is not None else torch.float32  # fp16 / bf16: through float32
+    if kernels is None:
+        kernels = _SAMPLERS[torch.float32]
+        a, logvar = a.float(), logvar.float()
+    out = torch.empty(a.shape, dtype=cdtype)
+    kept = None
+    mode = _DLOGVAR if backward else _Z
+    parallel = n >= _PARALLEL_MIN_DRAWS
+    if _MEMO_MIN <= n <= _MEMO_MAX:
+        if backward:
+            kept = _memo_find(cdtype, offset, n)
+            if kept is not None:
+                mode = _DLOGVAR_KEPT
+                parallel = n >= _PARALLEL_MIN_WORK  # elementwise now, unless the key differs
         else:
-            tmp = buf.float()
-            kernel(g, per_row, tmp.numpy())
-            buf.copy_(tmp)
+            kept = torch.empty(n + (2 if cdtype == torch.float32 else 1), dtype=cdtype)  # key + eps
+            mode = _Z_KEEP
+    kernels[parallel](
+        a.data_ptr(),
+        logvar.data_ptr(),
+        out.data_ptr(),
+        n,
+        kp,
+        bits,
+        offset,
+        mode,
+        kept.data_ptr() if kept is not None else 0,
+    )
+    if mode == _Z_KEEP:
+        _memo_keep((cdtype, offset, n, kept))
+    return out if cdtype == dtype else out.to(dtype)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, key: Key, offset: int) -> torch.Tensor:
+    """``z = mu + exp(logvar / 2) * eps``, ``eps[i] = randn(key, offset + i)`` over the flat index.
+
+    Reads mu and logvar once, writes z once (3 x 4 bytes an element in float32)."""
+    return _sample(mu, logvar, key, offset, False, "mu")
+
+
+def reparameterize_backward(dz: torch.Tensor, logvar: torch.Tensor, key: Key, offset: int) -> torch.Tensor:
+    """``dlogvar = dz * exp(logvar / 2) * eps / 2`` with the forward's eps (d z / d logvar; dmu = dz)."""
+    return _sample(dz, logvar, key, offset, True, "dz")
+
+
+def sample_eps(key: Key, offset: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The sampler alone, for tests and benchmarks: ``(u1, u2, eps, eps32)`` of the counters
+    ``offset + i``, ``i < n``: the two float32 uniforms (``reference.uniform_pair``) and the normal in
+    float64 arithmetic (float64 inputs) and in float32 arithmetic (float32, fp16, bf16 inputs)."""
+    kp, bits = _key_args(key)
+    k0, k1 = _key_words(_key_bits(kp, bits))
+    u1, u2, eps, eps32 = (np.empty(n, dt) for dt in (np.float32, np.float32, np.float64, np.float32))
+    _eps_span(u1, u2, eps, eps32, np.uint64(k0), np.uint64(k1), np.uint64(offset))
+    return u1, u2, eps, eps32

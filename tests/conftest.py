@@ -15,6 +15,37 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _fix_triton36_interpreter_index() -> None:
+    """Let Triton 3.6's interpreter use a scalar kernel argument as an integer under NumPy >= 2.4.
+
+    The interpreter holds a scalar argument (``F`` in ``range(0, F, BLOCK_F)``) as a 1-element array
+    and converts it with ``int(data)``; NumPy 2.4 made ``int()`` of an array with ndim > 0 a TypeError
+    (deprecated since 1.25), so every kernel with a loop bounded by an argument failed.  Triton 3.9
+    converts with ``int(data.squeeze())``; this installs that same line before 3.9 (harmless where a
+    version already has it).  The interpreter only runs in tests (on GPUs Triton compiles), so the fix
+    lives here rather than as a NumPy pin that would hold back every user's NumPy.
+    """
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if (major, minor) >= (3, 9) or patch_tensor is None:
+        return
+
+    def patched(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        # The scope restores attributes last-in first-out, so this undoes cleanly after each launch.
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+_fix_triton36_interpreter_index()
+
 # Every backend that can run in this process: on a CPU-only machine Triton runs interpreted.
 CPU_BACKENDS = ("triton", "numba", "torch")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

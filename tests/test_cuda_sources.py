@@ -1,7 +1,7 @@
 """CI checks of the CUDA C sources in kernels/cuda/ -- no GPU needed.
 
 1. Every ``.cu`` compiles with the machine's nvcc for sm_90 and sm_80, exactly as NVRTC will see it
-   (``fastvae.cupy.kernel_source``: headers inlined) with every template instantiated
+   (``fastvae.kernels.cupy_launch.kernel_source``: headers inlined) with every template instantiated
    (``-DFASTVAE_INSTANTIATE_ALL``), with no warning of any kind, and with no local memory: every
    kernel must report 0 bytes stack frame and 0 bytes spill stores / loads.  Skipped only when
    nvcc is absent or broken.
@@ -12,8 +12,14 @@
    relative (see ``_check_rel`` for the only allowances: cancellations inherent in the formula).
 3. The kernels themselves, unchanged, run on the CPU under a small CUDA execution-model emulator
    (tests/cuda_harness/kernel_emulator.cpp: fibers for threads, rounds for barriers), launched with
-   the grid / vector / group-size choices of ``fastvae.cupy``: awkward shapes, every dtype triple,
-   sliced and misaligned rows, NaN-poisoned outputs, compared with the reference.
+   the grid / vector / group-size choices of ``fastvae.kernels.cupy_launch``: awkward shapes, every
+   dtype triple, sliced and misaligned rows, NaN-poisoned outputs, random counters at offsets that
+   cross 2^32 with the key by value or read through a pointer, and the in-place gradient scale
+   (rows whose factor is 1 must keep their exact bits), compared with the reference.
+4. The CuPy backend end to end on CPU tensors: ``fastvae.kernels.cupy_launch`` with CuPy's kernel
+   launches replaced by tests/cuda_harness/kernel_lib.cpp (the same kernels under the same emulator,
+   as a shared library taking cuLaunchKernel-style argument arrays), so the launchers' argument
+   order, pointers, layouts and key pointer are checked against the reference without a GPU.
 
 Run ``python tests/test_cuda_sources.py`` to print the per-kernel resource usage table.
 """
@@ -31,16 +37,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastvae.kernels import cupy_launch as cl
+from fastvae.kernels.cupy_launch import kernel_source
 
-import fastvae.cupy as fc
 from fastvae import reference as ref
-from fastvae.cupy import kernel_source
+from fastvae.backend import RECONS, REDUCTIONS
 
 CUDA_DIR = Path(str(importlib.resources.files("fastvae.kernels") / "cuda"))
 HARNESS_SRC = Path(__file__).parent / "cuda_harness" / "math_harness.cpp"
-EXPECTED_FILES = ("fastvae_math.cuh", "fastvae_vec.cuh", "reparameterize.cu", "vae_loss.cu")
+EXPECTED_FILES = ("fastvae_math.cuh", "fastvae_vec.cuh", "reparameterize.cu", "scale_grads.cu", "vae_loss.cu")
 # Kernels each file must produce under FASTVAE_INSTANTIATE_ALL (a dropped instantiation fails too).
-EXPECTED_KERNELS = {"reparameterize.cu": 6, "vae_loss.cu": 41}
+EXPECTED_KERNELS = {"reparameterize.cu": 6, "scale_grads.cu": 9, "vae_loss.cu": 41}
 ARCHS = ("sm_90", "sm_80")
 NVCC_FLAGS = (
     "-cubin",
@@ -116,7 +123,7 @@ def _host_cxx() -> str | None:
 def builds(tmp_path_factory):
     """Starts every build of this module at once (they overlap on a multi-core machine).
 
-    Returns {key: (future, output path)}: "emulator" and "harness" (host C++), and one
+    Returns {key: (future, output path)}: "emulator", "kernel_lib" and "harness" (host C++), and one
     (file, arch) key per .cu x architecture for nvcc (the cubin is not used further).
     """
     out = tmp_path_factory.mktemp("builds")
@@ -130,6 +137,9 @@ def builds(tmp_path_factory):
             pool.submit(_run_cmd, cmd + ["-I", str(CUDA_DIR), str(EMULATOR_SRC), "-o", str(exe)]),
             exe,
         )
+        lib = out / "kernel_lib.so"
+        lib_cmd = cmd + ["-fPIC", "-shared", "-I", str(CUDA_DIR), str(KERNEL_LIB_SRC), "-o", str(lib)]
+        jobs["kernel_lib"] = (pool.submit(_run_cmd, lib_cmd), lib)
     exe = out / "math_harness"
     if cxx:
         cmd = [cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror"]
@@ -439,6 +449,7 @@ def test_dtype_conversions(harness):
 # ----------------------------------------------------------------------------------------------
 
 EMULATOR_SRC = Path(__file__).parent / "cuda_harness" / "kernel_emulator.cpp"
+KERNEL_LIB_SRC = Path(__file__).parent / "cuda_harness" / "kernel_lib.cpp"
 _DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2, "uint8": 3}
 _CTYPE = {"float32": "float", "float16": "fv_half", "bfloat16": "fv_bf16", "uint8": "unsigned char"}
 
@@ -497,10 +508,10 @@ def _emu_loss(emu, xs, ts, ms, vs, dtypes, B, F, D, beta, reduction, recon, need
         ("x", xs, tx, F), ("t", ts, tt, F), ("m", ms, tm, D), ("v", vs, tm, D)
     ):  # fmt: skip
         itemsize = 1 if dt == "uint8" else (4 if dt == "float32" else 2)
-        rows[name] = fc._Rows(off * itemsize, B, cols, stride, _CTYPE[dt])
-    vec, glog2, grid = fc._loss_config(rows["x"], rows["t"], 0 if need_grad else None)
-    header = [_DTYPE_CODE[tx], _DTYPE_CODE[tt], _DTYPE_CODE[tm], fc.RECONS.index(recon), int(need_grad)]
-    header += [fc.REDUCTIONS.index(reduction), B, F, D]
+        rows[name] = cl._Rows(off * itemsize, B, cols, stride, _CTYPE[dt])
+    vec, glog2, grid = cl._loss_config(rows["x"], rows["t"], 0 if need_grad else None)
+    header = [_DTYPE_CODE[tx], _DTYPE_CODE[tt], _DTYPE_CODE[tm], RECONS[recon], int(need_grad)]
+    header += [REDUCTIONS[reduction], B, F, D]
     for buf, off, stride in (xs, ts, ms, vs):
         header += [off, stride, buf.size]
     header += [glog2, int(vec), grid]
@@ -544,6 +555,9 @@ LOSS_CASES = [
     (9, 784, 20, ("float32", "uint8", "float32"), "bce", "sum", True, (4, 800), (4, 800)),  # strided, vec
     (9, 784, 20, ("float32", "uint8", "float32"), "bce", "mean", True, (1, 790), (3, 801)),  # misaligned
     (9, 784, 20, ("float32", "uint8", "float32"), "mse", "sum", False, (0, 0), (0, 0)),
+    # one term only, as the cupy backend launches them: F = 0 (KL only) or D = 0 (no KL)
+    (5, 0, 20, ("float32", "float32", "float32"), "bce", "sum", True, (0, 0), (0, 0)),
+    (6, 33, 0, ("float16", "uint8", "float16"), "mse", "mean", True, (0, 0), (0, 0)),
 ]
 
 
@@ -611,21 +625,34 @@ REPARAM_CASES = [
 ]
 
 
+# (key, counter offset, key read through a pointer): offsets whose counters cross 2^32 inside a call
+# (in the vector part and in the scalar tail), keys with the top bit set (negative as an int64)
+REPARAM_KEYS = [
+    (2**40 + 3, 0, False),
+    (2**64 - 1, 2**32 - 300, True),
+    (0x0123456789ABCDEF, 2**33 - 7, False),
+    (2**63 + 5, 2**62 + 2**32 - 1, True),
+]
+
+
 @pytest.mark.parametrize("case", REPARAM_CASES, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("seed", [2**40 + 3, 2**64 - 1])
-def test_emulated_reparameterize(emulator, case, seed):
+@pytest.mark.parametrize(
+    "key", REPARAM_KEYS, ids=lambda k: f"key{k[0]:x}-off{k[1]}-{'ptr' if k[2] else 'val'}"
+)
+def test_emulated_reparameterize(emulator, case, key):
     dtype, backward, rows, cols, off, stride = case
+    seed, offset, in_memory = key
     gen = np.random.default_rng(rows * cols)
     a = _representable(gen.normal(0, 2, (rows, cols)), dtype)
     lv = _representable(gen.normal(0, 2, (rows, cols)), dtype)
     abuf, stride = _padded(a, dtype, off, stride)
     vbuf, _ = _padded(lv, dtype, off, stride)
     itemsize = 4 if dtype == "float32" else 2
-    ra = fc._Rows(off * itemsize, rows, cols, stride, _CTYPE[dtype])
-    ro = fc._Rows(0, rows, cols, cols, _CTYPE[dtype])
-    vec, gx, gy = fc._reparam_config(ra, ra, ro)
+    ra = cl._Rows(off * itemsize, rows, cols, stride, _CTYPE[dtype])
+    ro = cl._Rows(0, rows, cols, cols, _CTYPE[dtype])
+    vec, gx, gy = cl._reparam_config(ra, ra, ro)
     header = [_DTYPE_CODE[dtype], int(backward), rows, cols, off, stride, abuf.size, off, stride, vbuf.size]
-    header += [int(vec), gx, gy, np.array(seed, np.uint64).view(np.int64)]
+    header += [int(vec), gx, gy, np.array(seed, np.uint64).view(np.int64), offset, int(in_memory)]
     job = emulator.parent / "reparam.job"
     with open(job, "wb") as f:
         np.array(header, np.int64).tofile(f)
@@ -639,16 +666,275 @@ def test_emulated_reparameterize(emulator, case, seed):
     got, _ = _from_storage(raw, dtype, rows * cols, 0)
     got = got.reshape(rows, cols)
     assert not np.isnan(got).any(), f"unwritten elements ({vec=}, {gx=}, {gy=})"
-    eps = ref.randn(seed, np.arange(rows * cols)).reshape(rows, cols)
+    # the contract: eps[i] = randn(key, offset + i) over the flat C-order index i
+    eps = ref.randn(seed, offset + np.arange(rows * cols, dtype=np.int64)).reshape(rows, cols)
     std = np.exp(0.5 * lv)
     u = 2.0**-20 if dtype == "float32" else (2.0**-10 if dtype == "float16" else 2.0**-7)
     if backward:
-        want = ref.reparameterize_backward(a, lv, seed)[1]
+        want = 0.5 * a * std * eps
         scale = np.abs(want)
     else:
-        want = ref.reparameterize(a, lv, seed)
+        want = a + std * eps
         scale = np.abs(a) + std * np.abs(eps)
     assert np.all(np.abs(got - want) <= u * scale + 1e-30), f"({vec=}, {gx=}, {gy=})"
+    if offset == 0:  # the reference's own functions agree (eps at counters 0, 1, ...)
+        ref_fn = ref.reparameterize_backward if backward else ref.reparameterize
+        np.testing.assert_allclose(want, ref_fn(a, lv, seed)[1] if backward else ref_fn(a, lv, seed))
+
+
+def _round_to(a: np.ndarray, dtype: str) -> np.ndarray:
+    """fp32 values rounded (nearest even) to ``dtype``, as float64."""
+    return _bf16_round(a).astype(np.float64) if dtype == "bfloat16" else a.astype(dtype).astype(np.float64)
+
+
+# (dlogits dtype or None, latents dtype or None, B, F, D, grad: "scalar" | "rows" | "rows-strided" |
+#  "rows-broadcast", dlogits offset in elements)
+SCALE_CASES = [
+    ("float32", "float32", 5, 784, 20, "rows", 0),
+    ("float32", "float32", 3, 7, 2, "scalar", 0),
+    ("float32", "float32", 4, 784, 20, "scalar-one", 0),
+    ("float32", "float32", 9, 1025, 129, "rows-strided", 1),  # misaligned: scalar path
+    ("float16", "float16", 6, 520, 3, "rows", 0),
+    ("float16", "float32", 3, 256, 20, "rows-broadcast", 8),
+    ("bfloat16", "bfloat16", 70, 3, 1, "rows", 0),
+    ("bfloat16", "float32", 2, 4099, 20, "scalar", 0),
+    (None, "float32", 11, 0, 20, "rows", 0),  # KL only
+    ("float16", None, 7, 33, 0, "rows", 0),  # no KL term
+]
+
+
+@pytest.mark.parametrize("case", SCALE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_scale_grads(emulator, case):
+    """The in-place backward scale: exact fp32 products rounded once; rows with factor 1 keep their
+    exact bits (they hold signalling NaNs, which any arithmetic would quiet), so nothing touched them."""
+    tx, tm, B, F, D, kind, x_off = case
+    gen = np.random.default_rng(B * F + D)
+    factors = gen.choice(np.float32([1.0, -0.5, 3.0, 1e-3, 1.0, 0.0]), B).astype(np.float32)
+    factors[0] = 1.0
+    if kind.startswith("scalar"):
+        g, g_stride, row_factor = np.float32([1.0 if kind == "scalar-one" else 2.5]), 0, None
+    elif kind == "rows-broadcast":
+        g, g_stride, row_factor = np.float32([0.25]), 0, None
+    elif kind == "rows-strided":
+        g, g_stride, row_factor = np.repeat(factors, 3), 3, factors
+    else:
+        g, g_stride, row_factor = factors, 1, factors
+    s = np.broadcast_to(g[0] if row_factor is None else row_factor, (B,)).astype(np.float32)
+    ones = s == 1.0
+    snan = {"float32": np.uint32(0x7FA00001), "float16": np.uint16(0x7C01), "bfloat16": np.uint16(0x7F81)}
+
+    def grad_buffer(dtype: str, rows: int, cols: int, lead: int = 0):
+        vals = _representable(gen.normal(0, 3, (rows, cols)), dtype)
+        raw = _storage(vals, dtype).reshape(rows, cols).copy()
+        raw.view(np.uint32 if dtype == "float32" else np.uint16)[ones] = snan[dtype]
+        pad = np.zeros(lead, raw.dtype)
+        return vals, np.concatenate([pad, raw.reshape(-1)])
+
+    bufs, expect = [], []
+    if tx is not None:
+        vals, buf = grad_buffer(tx, B, F, x_off)
+        bufs.append(buf)
+        expect.append((tx, buf[x_off:], vals))
+    for _ in range(2 if tm is not None else 0):
+        vals, buf = grad_buffer(tm, B, D)
+        bufs.append(buf)
+        expect.append((tm, buf, vals))
+    dx = cl._Rows(x_off * (4 if tx == "float32" else 2), B, F, F, _CTYPE[tx]) if tx else None
+    vec, glog2, grid = cl._scale_config(B, F, D, dx)
+    header = [_DTYPE_CODE[tx or tm], _DTYPE_CODE[tm or tx], B, F, D, g_stride, g.size]
+    header += [x_off if tx else -1, int(tm is not None), int(tm is not None), glog2, int(vec), grid]
+    job = emulator.parent / "scale.job"
+    with open(job, "wb") as f:
+        np.array(header, np.int64).tofile(f)
+        g.astype(np.float32).tofile(f)
+        for buf in bufs:
+            buf.tofile(f)
+    res = subprocess.run(
+        [str(emulator), "scale", str(job), str(job) + ".out"], capture_output=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr.decode()
+    raw, pos = Path(str(job) + ".out").read_bytes(), 0
+    for dtype, before, vals in expect:
+        n = before.size
+        got_raw = np.frombuffer(raw, before.dtype, n, pos)
+        pos += n * before.itemsize
+        bits = np.uint32 if dtype == "float32" else np.uint16
+        rows, rows_before = got_raw.view(bits).reshape(B, -1), before.view(bits).reshape(B, -1)
+        assert np.array_equal(rows[ones], rows_before[ones]), f"a factor-1 row was touched ({vec=})"
+        with np.errstate(invalid="ignore"):  # the signalling NaNs of the factor-1 rows
+            got, _ = _from_storage(got_raw.tobytes(), dtype, n, 0)
+        want = _round_to((vals.astype(np.float32) * s[:, None]).astype(np.float32), dtype)
+        np.testing.assert_array_equal(
+            got.reshape(B, -1)[~ones], want[~ones], err_msg=f"{dtype} {vec=} {glog2=}"
+        )
+    assert pos == len(raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The cupy backend end to end on the CPU: fastvae.kernels.cupy_launch with CuPy's launches
+#    replaced by tests/cuda_harness/kernel_lib.cpp, which runs the named kernel on host buffers with
+#    the argument bytes cupy_launch passes -- argument order, pointers, sizes, the terms layout, the
+#    key read through its pointer, all checked against the reference on CPU torch tensors.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kernel_lib(builds):
+    import ctypes
+
+    lib = ctypes.CDLL(str(_built(builds, "kernel_lib", "kernel library (tests/cuda_harness/kernel_lib.cpp)")))
+    lib.fv_emu_launch.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_uint,
+        ctypes.c_uint,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+    ]
+    lib.fv_emu_launch.restype = ctypes.c_int
+    return lib
+
+
+class _HostKernel:
+    """What cupy_launch calls as a CuPy RawKernel, run by kernel_lib on host memory instead."""
+
+    def __init__(self, lib, name: str):
+        self.lib, self.name = lib, name
+
+    def __call__(self, grid, block, args, stream=None):
+        import ctypes
+
+        cells = [np.array(a) for a in args]  # each parameter's bytes, as CuPy marshals them
+        argv = (ctypes.c_void_p * len(cells))(*[c.ctypes.data for c in cells])
+        grid = (*grid, 1)
+        rc = self.lib.fv_emu_launch(self.name.encode(), grid[0], grid[1], block[0], argv)
+        assert rc == 0, f"{self.name}: kernel_lib returned {rc}"
+
+
+class _NoDevice:
+    def __init__(self, index):
+        assert index == -1  # CPU tensors
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.fixture
+def on_host(kernel_lib, monkeypatch):
+    """fastvae.kernels.cupy_launch, running its kernels through kernel_lib on CPU tensors."""
+
+    def loss_kernels(device, tx, tt, tm):
+        names = [cl.loss_kernel_name(tx, tt, tm, r, g) for r in (1, 2) for g in (True, False)]
+        return {n: _HostKernel(kernel_lib, n) for n in [*names, "fastvae_vae_loss_finalize"]}
+
+    def reparam_kernels(device, t):
+        return tuple(_HostKernel(kernel_lib, f"fastvae_reparameterize_{d}<{t}>") for d in ("fwd", "bwd"))
+
+    monkeypatch.setattr(cl, "_loss_kernels", loss_kernels)
+    monkeypatch.setattr(cl, "_reparam_kernels", reparam_kernels)
+    monkeypatch.setattr(
+        cl, "_scale_kernel", lambda d, tx, tm: _HostKernel(kernel_lib, f"fastvae_scale_grads<{tx}, {tm}>")
+    )
+    monkeypatch.setattr(cl, "_device_index", lambda name, t: t.get_device())
+    monkeypatch.setattr(cl, "_OnDevice", _NoDevice)
+    return cl
+
+
+def _problem(B, F, D, recon, reduction, need_grad=True, beta=0.7):
+    from fastvae.backend import LossProblem
+
+    torch = pytest.importorskip("torch")
+    red = REDUCTIONS[reduction]
+    scale = 1.0 / B if reduction == "mean" else 1.0
+    return LossProblem(B, F, D, RECONS[recon] if F else 0, red, beta, scale, need_grad, torch.float32)
+
+
+# (B, F, D, logits dtype, target dtype, latents dtype, recon, reduction)
+BACKEND_CASES = [
+    (5, 37, 3, "float32", "uint8", "float32", "bce", "sum"),
+    (9, 64, 20, "float32", "float32", "float32", "mse", "mean"),
+    (3, 40, 4, "float16", "uint8", "float16", "bce", "none"),
+    (4, 24, 2, "bfloat16", "bfloat16", "float32", "mse", "sum"),
+    (6, 0, 5, None, None, "float32", "bce", "mean"),  # KL only
+    (7, 33, 0, "float32", "uint8", None, "bce", "none"),  # no KL term
+]
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_backend_end_to_end_on_host(on_host, poison, case):
+    """fused_loss, then scale_grads_ with a per-row / scalar incoming gradient, against the reference."""
+    torch = pytest.importorskip("torch")
+    B, F, D, tx, tt, tm, recon, reduction = case
+    gen = torch.Generator().manual_seed(B * 100 + F + D)
+    logits = target = mu = logvar = None
+    if tx:
+        wide = torch.randn(B, F + 3, generator=gen).mul_(3).to(getattr(torch, tx))
+        logits = wide[:, 1 : 1 + F]  # a row-strided view, misaligned: passed as it is
+        target = (
+            torch.randint(0, 256, (B, F), generator=gen, dtype=torch.uint8)
+            if tt == "uint8"
+            else torch.rand(B, F, generator=gen).to(getattr(torch, tt))
+        )
+    if tm:
+        lat = torch.randn(B, 2 * D, generator=gen).mul_(1.5).to(getattr(torch, tm))
+        mu, logvar = lat[:, :D], lat[:, D:]
+    p = _problem(B, F, D, recon, reduction)
+    loss, rec, kl, dx, dmu, dlv = on_host.fused_loss(p, logits, target, mu, logvar)
+
+    def np64(t):
+        return t.numpy() if t.dtype == torch.uint8 else t.double().numpy()
+
+    x = np64(logits) if tx else np.zeros((B, 0))
+    t = np64(target) if tx else np.zeros((B, 0))
+    m = np64(mu) if tm else np.zeros((B, 0))
+    v = np64(logvar) if tm else np.zeros((B, 0))
+    r_rec = (ref.bce_with_logits if recon == "bce" else ref.mse)(x, t, reduction)
+    r_kl = ref.kl_divergence(m, v, reduction)
+    for name, got, want in (("recon", rec, r_rec), ("kl", kl, r_kl), ("loss", loss, r_rec + 0.7 * r_kl)):
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-30, err_msg=name)
+    # the incoming gradient: a scalar, or per row with every other row exactly 1 (left untouched)
+    grad_loss = (
+        torch.full((), 2.5) if reduction != "none" else torch.where(torch.arange(B) % 2 == 0, 1.0, -3.0)
+    )
+    on_host.scale_grads_(grad_loss, dx, dmu, dlv)
+    g = grad_loss.double().numpy()
+    r_dx, r_dmu, r_dlv = ref.vae_loss_backward(x, t, m, v, 0.7, reduction, recon, g)
+    rtol = {"float32": 1e-5, "float16": 2.0**-9, "bfloat16": 2.0**-6, None: 0}
+    scale = 2.5 / B if reduction == "mean" else 3.0
+    for name, got, want, dt in (
+        ("dlogits", dx, r_dx, tx),
+        ("dmu", dmu, r_dmu, tm),
+        ("dlogvar", dlv, r_dlv, tm),
+    ):
+        if dt is None:
+            assert got.numel() == 0, name
+            continue
+        assert got.dtype == getattr(torch, dt) and got.shape == want.shape and got.is_contiguous(), name
+        atol = scale * 2.0**-20 if name == "dlogits" else 1e-30  # sigmoid(x) - t, (x - t): cancellation
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=rtol[dt], atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_backend_reparameterize_end_to_end_on_host(on_host, poison, dtype):
+    """eps[i] = randn(key, offset + i) with the key read through its pointer (a host int64 here),
+    counters crossing 2^32, forward and backward, against the reference."""
+    torch = pytest.importorskip("torch")
+    B, D, offset, seed = 7, 45, 2**32 - 100, 2**63 + 9
+    gen = torch.Generator().manual_seed(11)
+    mu, logvar, dz = (torch.randn(B, D, generator=gen).to(getattr(torch, dtype)) for _ in range(3))
+    key = torch.tensor([seed - 2**64], dtype=torch.int64)  # the int64 holding the key's bits
+    z = on_host.reparameterize(mu, logvar, key, offset)
+    dlogvar = on_host.reparameterize_backward(dz, logvar, key, offset)
+    assert torch.equal(z, on_host.reparameterize(mu, logvar, seed, offset))  # the same key by value
+    m, v, g = (t.double().numpy() for t in (mu, logvar, dz))
+    eps = ref.randn(seed, offset + np.arange(B * D, dtype=np.int64)).reshape(B, D)
+    u = {"float32": 2.0**-20, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+    std = np.exp(0.5 * v)
+    assert np.all(np.abs(z.double().numpy() - (m + std * eps)) <= u * (np.abs(m) + std * np.abs(eps)) + 1e-30)
+    want = 0.5 * g * std * eps
+    assert np.all(np.abs(dlogvar.double().numpy() - want) <= u * np.abs(want) + 1e-30)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,24 +1,32 @@
-"""fastvae.cupy (the CUDA C kernels through CuPy/NVRTC) against fastvae.reference.
+"""The CuPy backend against fastvae.reference: fastvae.cupy (CuPy arrays) and
+fastvae.kernels.cupy_launch (the fastvae.backend.Backend contract on torch CUDA tensors).
 
-The GPU tests skip with a reason when CuPy is not installed or no CUDA device is visible; the few
-tests at the top (import without CuPy, layout helpers) run everywhere.
+The GPU tests skip with a reason when CuPy is not installed or no CUDA device is visible.  The tests
+at the top run everywhere: import without CuPy, layout helpers, and the torch backend's host side
+with the launches stubbed (what each launch receives; the random key is never read on the host).
 
 On a GPU: vae_loss and reparameterize on fresh random inputs at awkward sizes, fp32 / fp16 (and
 bf16 through torch when torch has CUDA), float and uint8 targets, extreme values, sliced inputs,
 outputs poisoned with NaN before each run (every output element must be written), determinism
-(two runs bit-identical), eps equal to the reference normals, torch tensors through DLPack and the
-torch_* glue, and (marked slow) more than 2^31 elements.
+(two runs bit-identical), eps equal to the reference normals at offsets, torch tensors through
+DLPack, the backend contract (fused_loss, scale_grads_, reparameterize with an int key or a device
+key tensor) on a side stream and on a non-current device, and (marked slow) more than 2^31 elements.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
 import pytest
+from fastvae.kernels import cupy_launch as cl
 
 import fastvae.cupy as fc
 from fastvae import reference as ref
+from fastvae.backend import RECONS as RECON_IDS
+from fastvae.backend import REDUCTIONS as REDUCTION_IDS
+from fastvae.backend import LossProblem
 
 try:
     import cupy as cp
@@ -62,20 +70,20 @@ def test_import_without_cupy_raises_install_hint(monkeypatch):
 
 
 def test_row_layouts():
-    assert fc._row_layout((4, 3, 5), (15, 5, 1)) == (4, 15, 15)
-    assert fc._row_layout((4, 3, 5), (40, 5, 1)) == (4, 15, 40)  # sliced rows: no copy
-    assert fc._row_layout((4, 3, 5), (15, 1, 3)) is None  # features not contiguous: copy
-    assert fc._row_layout((4, 1, 5), (10, 99, 1)) == (4, 5, 10)  # size-1 dims have any stride
-    assert fc._row_layout((4, 7), (-7, 1)) is None
-    assert fc._row_layout((1, 7), (123, 1)) == (1, 7, 7)
-    assert fc._flat_layout((4, 3, 5), (15, 5, 1)) == (1, 60, 60)
-    assert fc._flat_layout((4, 15), (16, 1)) == (4, 15, 16)
-    assert fc._flat_layout((9,), (1,)) == (1, 9, 9)
+    assert cl._row_layout((4, 3, 5), (15, 5, 1)) == (4, 15, 15)
+    assert cl._row_layout((4, 3, 5), (40, 5, 1)) == (4, 15, 40)  # sliced rows: no copy
+    assert cl._row_layout((4, 3, 5), (15, 1, 3)) is None  # features not contiguous: copy
+    assert cl._row_layout((4, 1, 5), (10, 99, 1)) == (4, 5, 10)  # size-1 dims have any stride
+    assert cl._row_layout((4, 7), (-7, 1)) is None
+    assert cl._row_layout((1, 7), (123, 1)) == (1, 7, 7)
+    assert cl._flat_layout((4, 3, 5), (15, 5, 1)) == (1, 60, 60)
+    assert cl._flat_layout((4, 15), (16, 1)) == (4, 15, 16)
+    assert cl._flat_layout((9,), (1,)) == (1, 9, 9)
 
 
 def test_group_size_heuristic():
     # threads per row G = 32 << log2, about two vector chunks per thread, 32 <= G <= 256
-    assert [fc._group_log2(c) for c in (0, 1, 64, 65, 128, 196, 256, 257, 10_000)] == [
+    assert [cl._group_log2(c) for c in (0, 1, 64, 65, 128, 196, 256, 257, 10_000)] == [
         0,
         0,
         0,
@@ -110,7 +118,7 @@ def test_validation_helpers_name_the_argument():
         with pytest.raises(exc, match="seed"):
             fc._check_seed(seed)
     with pytest.raises(TypeError, match="logits: dtype float64"):
-        fc._ctype("logits", "float64", fc._FLOAT_CTYPES)
+        fc._ctype("logits", "float64", cl.FLOAT_CTYPES)
 
 
 def test_kernel_source_inlines_headers():
@@ -118,6 +126,309 @@ def test_kernel_source_inlines_headers():
     assert "fv_philox4x32_10" in src and "fv_pack" in src and '#include "' not in src
     with pytest.raises(FileNotFoundError):
         fc.kernel_source("no_such_file.cu")
+
+
+def test_kernel_sources_for_every_backend_kernel():
+    assert "fastvae_scale_grads" in cl.kernel_source("scale_grads.cu")
+    # the kernels share fastvae.backend's numbering of the recon kinds
+    src = cl.kernel_source("vae_loss.cu")
+    for name, value in RECON_IDS.items():
+        assert f"FV_RECON_{name.upper()} = {value}" in src
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch backend's host side, launches stubbed (no GPU, no CuPy): what each kernel receives
+# ----------------------------------------------------------------------------------------------
+
+
+class _NoHostRead(torch.Tensor if torch is not None else object):
+    """A key tensor whose value cannot be read on the host (what a CUDA graph replay needs)."""
+
+    def _fail(self, *args, **kwargs):
+        raise AssertionError("the key tensor was read on the host")
+
+    item = tolist = numpy = __int__ = __index__ = __float__ = __bool__ = _fail
+
+
+class _NoDevice:
+    """Stands in for cupy_launch._OnDevice on CPU tensors: records the device, yields a fake stream."""
+
+    entered: list = []
+
+    def __init__(self, index):
+        self.entered.append(("device", index))
+
+    def __enter__(self):
+        return "stream"
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Runs the backend's host code on CPU tensors: device index -1 for all, launches recorded."""
+    calls = []
+    monkeypatch.setattr(_NoDevice, "entered", calls)
+    monkeypatch.setattr(cl, "_OnDevice", _NoDevice)
+    monkeypatch.setattr(cl, "_device_index", lambda name, t: t.get_device())
+    for name in ("launch_vae_loss", "launch_reparam", "launch_scale"):
+        monkeypatch.setattr(cl, name, lambda *args, _name=name: calls.append((_name, args)))
+    return calls
+
+
+def _problem(B, F, D, recon="bce", reduction="sum", need_grad=True, beta=0.5):
+    red = REDUCTION_IDS[reduction]
+    return LossProblem(
+        B, F, D, RECON_IDS[recon] if F else 0, red, beta, 1.0 / B if reduction == "mean" else 1.0, need_grad,
+        torch.float32,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_backend_fused_loss_host_side(launches, reduction):
+    B, F, D = 5, 12, 3
+    wide = torch.randn(B, F + 4)
+    logits, target = wide[:, 2 : 2 + F], torch.randint(0, 256, (B, F), dtype=torch.uint8)
+    lat = torch.randn(B, 2 * D, dtype=torch.float16)
+    mu, logvar = lat[:, :D], lat[:, D:]
+    loss, rec, kl, dx, dmu, dlv = cl.fused_loss(
+        _problem(B, F, D, "mse", reduction), logits, target, mu, logvar
+    )
+    ((name, args),) = [c for c in launches if c[0] != "device"]
+    _, stream, x, t, m, v, grads, terms_ptr, recon, red, beta, grad_scale, need_grad = args
+    assert name == "launch_vae_loss" and stream == "stream" and ("device", -1) in launches
+    # row-strided views reach the kernel without copies
+    assert x == cl._Rows(logits.data_ptr(), B, F, F + 4, "float") and t.ctype == "unsigned char"
+    assert m == cl._Rows(mu.data_ptr(), B, D, 2 * D, "fv_half") and v.ptr == logvar.data_ptr()
+    assert (recon, red, beta, need_grad) == (RECON_IDS["mse"], REDUCTION_IDS[reduction], 0.5, True)
+    assert grad_scale == (1.0 / B if reduction == "mean" else 1.0)
+    assert grads == (dx.data_ptr(), dmu.data_ptr(), dlv.data_ptr())
+    assert dx.shape == (B, F) and dx.dtype == torch.float32 and dx.is_contiguous()
+    assert dmu.shape == dlv.shape == (B, D) and dmu.dtype == dlv.dtype == torch.float16
+    # the terms: one float32 buffer [recon_b, kl_b, loss_b] or [recon_b, kl_b, loss, recon, kl]
+    assert rec.dtype == kl.dtype == loss.dtype == torch.float32
+    if reduction == "none":
+        assert [a.data_ptr() - terms_ptr for a in (rec, kl, loss)] == [0, 4 * B, 8 * B]
+        assert rec.shape == kl.shape == loss.shape == (B,)
+    else:
+        assert [a.data_ptr() - terms_ptr for a in (loss, rec, kl)] == [8 * B, 8 * B + 4, 8 * B + 8]
+        assert rec.shape == kl.shape == loss.shape == ()
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_backend_fused_loss_one_term_host_side(launches):
+    B, D = 4, 6
+    mu, logvar = torch.randn(B, D, dtype=torch.bfloat16), torch.randn(B, D, dtype=torch.bfloat16)
+    out = cl.fused_loss(_problem(B, 0, D), None, None, mu, logvar)
+    args = launches[-1][1]
+    assert args[2] == args[3] == cl._Rows(0, B, 0, 0, "fv_bf16")  # KL only: F = 0, nothing read
+    assert args[8] == 0 and out[3].numel() == 0 and out[4].shape == (B, D)
+    logits, target = torch.randn(B, 7), torch.rand(B, 7)
+    out = cl.fused_loss(_problem(B, 7, 0, need_grad=False), logits, target, None, None)
+    args = launches[-1][1]
+    assert args[4] == args[5] == cl._Rows(0, B, 0, 0, "float")  # no KL term: D = 0
+    assert args[6] == (0, 0, 0) and all(g.numel() == 0 for g in out[3:])
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_backend_fused_loss_copies_strided_features_only(launches):
+    B, F, D = 3, 7, 2
+    logits, target, mu = torch.randn(B, 2 * F)[:, ::2], torch.rand(B, F), torch.randn(B, D)
+    cl.fused_loss(_problem(B, F, D), logits, target, mu, mu)
+    x, t = launches[-1][1][2:4]
+    assert x.ptr != logits.data_ptr() and (x.rows, x.cols, x.stride) == (B, F, F)  # a contiguous copy
+    assert t.ptr == target.data_ptr()  # the others as they are
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_backend_fused_loss_rejects_what_the_kernels_cannot_run(launches):
+    B, F, D = 2, 3, 1
+    x, t, m = torch.randn(B, F), torch.rand(B, F), torch.randn(B, D)
+    with pytest.raises(TypeError, match="logits: dtype torch.float64"):
+        cl.fused_loss(_problem(B, F, D), x.double(), t, m, m)
+    with pytest.raises(TypeError, match="logvar"):
+        cl.fused_loss(_problem(B, F, D), x, t, m, m.half())
+    with pytest.raises(TypeError, match="acc"):
+        cl.fused_loss(_problem(B, F, D)._replace(acc=torch.float64), x, t, m, m)
+    with pytest.raises(ValueError, match=r"target: expected a \[B, F\] view"):
+        cl.fused_loss(_problem(B, F, D), x, t.reshape(B, F, 1), m, m)
+    assert not [c for c in launches if c[0] != "device"]
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("grad_kind", ["scalar", "rows", "broadcast", "float64"])
+def test_backend_scale_grads_host_side(launches, grad_kind):
+    B, F, D = 6, 10, 4
+    dx, dmu, dlv = torch.randn(B, F, dtype=torch.float16), torch.randn(B, D), torch.randn(B, D)
+    grad = {
+        "scalar": torch.tensor(2.0),
+        "rows": torch.randn(2 * B)[::2],
+        "broadcast": torch.ones(()).expand(B),  # what loss.sum().backward() passes for reduction none
+        "float64": torch.tensor(3.0, dtype=torch.float64),
+    }[grad_kind]
+    cl.scale_grads_(grad, dx, dmu, dlv)
+    ((name, args),) = [c for c in launches if c[0] != "device"]
+    _, stream, g_ptr, g_stride, B_, x, dmu_ptr, dlv_ptr, D_, tm = args
+    assert name == "launch_scale" and (B_, D_, tm) == (B, D, "float")
+    assert x == cl._Rows(dx.data_ptr(), B, F, F, "fv_half") and (dmu_ptr, dlv_ptr) == (
+        dmu.data_ptr(),
+        dlv.data_ptr(),
+    )
+    assert g_stride == {"scalar": 0, "rows": 2, "broadcast": 0, "float64": 0}[grad_kind]
+    assert (g_ptr == grad.data_ptr()) == (grad_kind != "float64")  # the kernel reads a float32 factor
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_backend_scale_grads_skips_and_checks(launches):
+    B, D = 3, 5
+    empty = torch.empty(0)
+    cl.scale_grads_(torch.tensor(2.0), empty, empty, empty)  # nothing to scale: no launch
+    assert launches == []
+    dmu = torch.randn(B, D, dtype=torch.bfloat16)
+    cl.scale_grads_(torch.tensor(2.0), empty, dmu, empty)  # only dmu present
+    args = launches[-1][1]
+    assert args[5] is None and args[6:] == (dmu.data_ptr(), 0, D, "fv_bf16")
+    with pytest.raises(ValueError, match="grad: expected a 0-d tensor or shape"):
+        cl.scale_grads_(torch.ones(B + 1), empty, dmu, empty)
+    with pytest.raises(ValueError, match="dmu: a gradient scaled in place must be contiguous"):
+        cl.scale_grads_(torch.tensor(2.0), empty, torch.randn(D, B).t(), empty)
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+@pytest.mark.parametrize("backward", [False, True])
+def test_backend_reparameterize_key_stays_on_device(launches, backward):
+    """A key tensor goes to the kernel as a pointer: its value is never read on the host."""
+    mu, logvar = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    key = torch.tensor([1234], dtype=torch.int64).as_subclass(_NoHostRead)
+    fn = cl.reparameterize_backward if backward else cl.reparameterize
+    out = fn(mu, logvar, key, 2**32 - 7)
+    ((name, args),) = [c for c in launches if c[0] != "device"]
+    _, stream, bwd, a, lv, o, key_ptr, key_val, offset = args
+    assert name == "launch_reparam" and bwd is backward and stream == "stream"
+    assert (key_ptr, key_val, offset) == (key.data_ptr(), 0, 2**32 - 7)
+    assert a == cl._Rows(mu.data_ptr(), 1, 60, 60, "float") and lv.ptr == logvar.data_ptr()
+    assert o.ptr == out.data_ptr() and out.shape == mu.shape and out.is_contiguous()
+    fn(mu, logvar, 2**64 - 1, 0)  # an explicit seed goes by value
+    assert launches[-1][1][6:] == (0, 2**64 - 1, 0)
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_backend_reparameterize_validation(launches):
+    mu = torch.randn(4, 3)
+    for key, exc, match in (
+        (torch.tensor([1, 2]), ValueError, "key: expected a 1-element int64"),
+        (torch.tensor([1], dtype=torch.int32), ValueError, "key: expected a 1-element int64"),
+        (True, TypeError, "key"),
+        (1.5, TypeError, "key"),
+        (-1, ValueError, "key"),
+        (2**64, ValueError, "key"),
+    ):
+        with pytest.raises(exc, match=match):
+            cl.reparameterize(mu, mu, key, 0)
+    with pytest.raises(ValueError, match="offset"):
+        cl.reparameterize(mu, mu, 1, -1)
+    with pytest.raises(ValueError, match="logvar"):
+        cl.reparameterize(mu, mu[:, :2].contiguous(), 1, 0)
+    with pytest.raises(TypeError, match="mu: dtype torch.float64"):
+        cl.reparameterize(mu.double(), mu.double(), 1, 0)
+    empty = cl.reparameterize(mu[:0], mu[:0], 1, 0)  # nothing to draw: no launch
+    assert empty.shape == (0, 3) and not [c for c in launches if c[0] != "device"]
+
+
+def test_device_guard_switches_and_restores(monkeypatch):
+    """_OnDevice makes the tensors' device current only for the launch and hands out a cached CuPy
+    handle of torch's current stream of that device (fake CuPy runtime: no GPU needed)."""
+    from types import SimpleNamespace
+
+    log, current = [], [0]
+
+    def set_device(i):
+        log.append(("set", i))
+        current[0] = i
+
+    made = []
+
+    def from_external(obj):
+        made.append(obj.__cuda_stream__())
+        return SimpleNamespace(ptr=obj.__cuda_stream__()[1])
+
+    runtime = SimpleNamespace(getDevice=lambda: current[0], setDevice=set_device)
+    fake = SimpleNamespace(
+        cuda=SimpleNamespace(runtime=runtime, Stream=SimpleNamespace(from_external=from_external))
+    )
+    monkeypatch.setattr(cl, "_cupy", lambda: fake)
+    monkeypatch.setattr(cl, "_raw_stream_fn", lambda: lambda index: 1000 + index)
+    monkeypatch.setattr(cl, "_STREAMS", {})
+    with cl._OnDevice(1) as stream:
+        assert current[0] == 1 and stream.ptr == 1001  # torch's current stream of device 1
+    assert current[0] == 0 and log == [("set", 1), ("set", 0)]
+    log.clear()
+    for _ in range(3):
+        with cl._OnDevice(0) as stream:
+            assert stream.ptr == 1000
+    assert log == [] and made == [(0, 1001), (0, 1000)]  # no device switch; one handle per stream
+    with pytest.raises(RuntimeError), cl._OnDevice(1):
+        raise RuntimeError("a failed launch")
+    assert current[0] == 0  # restored on errors too
+
+
+def _kernel_params(source: str) -> dict[str, list[str]]:
+    """{kernel name: its parameters' C types} from the definitions in ``kernels/cuda/<source>``."""
+    text = re.sub(r"//[^\n]*", "", cl.kernel_source(source))
+    params = {}
+    for name, plist in re.findall(r"\b(fastvae_\w+)\s*\(([^)]*)\)\s*\{", text):
+        params[name] = [" ".join(p.split()[:-1]) for p in plist.split(",")]
+    return params
+
+
+# The NumPy scalar each C parameter type must be passed as (CuPy passes it by its bytes).
+_C_TO_NUMPY = {"fv_i64": np.int64, "fv_u64": np.uint64, "float": np.float32, "int": np.int32}
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_launch_arguments_match_the_kernel_signatures(monkeypatch):
+    """Every launch passes one NumPy scalar of the right width and kind per kernel parameter
+    (pointers as uint64), so a reordered or retyped parameter fails here, without a GPU."""
+    sigs = {**_kernel_params("vae_loss.cu"), **_kernel_params("reparameterize.cu")}
+    sigs.update(_kernel_params("scale_grads.cu"))
+    calls = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, grid, block, args, stream=None):
+            calls.append((self.name, grid, block, args, stream))
+
+    rows, fin = Kernel("fastvae_vae_loss_rows"), Kernel("fastvae_vae_loss_finalize")
+    loss_kernels = {
+        cl.loss_kernel_name("float", "float", "float", r, g): rows for r in (1, 2) for g in (True, False)
+    }
+    monkeypatch.setattr(cl, "_loss_kernels", lambda *a: {**loss_kernels, "fastvae_vae_loss_finalize": fin})
+    fwd, bwd = Kernel("fastvae_reparameterize_fwd"), Kernel("fastvae_reparameterize_bwd")
+    monkeypatch.setattr(cl, "_reparam_kernels", lambda *a: (fwd, bwd))
+    monkeypatch.setattr(cl, "_scale_kernel", lambda *a: Kernel("fastvae_scale_grads"))
+    monkeypatch.setattr(cl, "_device_index", lambda name, t: t.get_device())
+    monkeypatch.setattr(cl, "_OnDevice", _NoDevice)
+    monkeypatch.setattr(_NoDevice, "entered", [])
+    B, F, D = 3, 8, 2
+    x, t, m = torch.randn(B, F), torch.rand(B, F), torch.randn(B, D)
+    for reduction in ("sum", "none"):
+        out = cl.fused_loss(_problem(B, F, D, "bce", reduction), x, t, m, m)
+    cl.scale_grads_(torch.tensor(2.0), out[3], out[4], out[5])
+    cl.reparameterize(m, m, torch.tensor([3]), 5)
+    cl.reparameterize_backward(m, m, 3, 0)
+    launched = [c[0] for c in calls]
+    assert launched == [
+        "fastvae_vae_loss_rows", "fastvae_vae_loss_finalize", "fastvae_vae_loss_rows",
+        "fastvae_scale_grads", "fastvae_reparameterize_fwd", "fastvae_reparameterize_bwd",
+    ]  # fmt: skip
+    for name, grid, block, args, stream in calls:
+        want = [np.uint64 if "*" in c else _C_TO_NUMPY[c.replace("const", "").strip()] for c in sigs[name]]
+        assert [type(a) for a in args] == want, name
+        assert stream == "stream" and all(isinstance(n, int) and n >= 1 for n in (*grid, *block)), name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,17 +711,19 @@ def _ulps(got, want):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("offset", [0, 2**32 - 50], ids=["offset0", "offset-crossing-2^32"])
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("shape", LATENT_SHAPES, ids=str)
-def test_eps_matches_reference_normals(poison, shape, seed):
-    """mu = 0, logvar = 0 gives z = eps exactly: Triton's tl.randn(seed, flat index) within 4 ulp.
+def test_eps_matches_reference_normals(poison, shape, seed, offset):
+    """mu = 0, logvar = 0 gives z = eps exactly: Triton's tl.randn(seed, offset + flat index) within
+    4 ulp.
 
     (The uniforms are bit-exact on the host harness, tests/test_cuda_sources.py, from the same
     header; on the device only logf can round differently.)
     """
     zeros = cp.zeros(shape, cp.float32)
-    z = fc.reparameterize(zeros, zeros, seed=seed)
-    want = ref.randn(seed, np.arange(int(np.prod(shape)))).reshape(shape)
+    z = fc.reparameterize(zeros, zeros, seed=seed, offset=offset)
+    want = ref.randn(seed, offset + np.arange(int(np.prod(shape)))).reshape(shape)
     assert _ulps(z, want).max() <= 4.0
 
 
@@ -473,10 +786,12 @@ def test_reparameterize_validation():
         fc.reparameterize(a, a, seed=2**64)
     with pytest.raises(TypeError, match="seed"):
         fc.reparameterize(a, a, seed=1.5)
+    with pytest.raises(ValueError, match="offset"):
+        fc.reparameterize(a, a, seed=0, offset=-1)
 
 
 # ----------------------------------------------------------------------------------------------
-# torch through DLPack, and the torch_* glue
+# torch through DLPack
 # ----------------------------------------------------------------------------------------------
 
 
@@ -497,28 +812,35 @@ def test_torch_tensors_through_dlpack(poison):
     assert z.cpu().numpy().tobytes() == cp.asnumpy(fc.reparameterize(c_args[2], c_args[3], seed=5)).tobytes()
 
 
+# ----------------------------------------------------------------------------------------------
+# The backend contract on torch CUDA tensors (fastvae.kernels.cupy_launch)
+# ----------------------------------------------------------------------------------------------
+
+
 @gpu
 @needs_torch_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("tdtype", ["float32", "float16", "bfloat16"])
-def test_torch_glue(poison, tdtype, reduction):
+def test_backend_fused_loss(poison, tdtype, reduction):
     dt = getattr(torch, tdtype)
     B, F, D = 127, 1025, 20
     logits, target, mu, logvar = _inputs(B, F, D, np.float32, "float", seed=13)
     # round the inputs to the tested dtype first, so the reference sees the same values
     tl, tt, tm, tv = (torch.from_numpy(a).to(dt).cuda() for a in (logits, target, mu, logvar))
     n_l, n_t, n_m, n_v = (a.float().cpu().numpy() for a in (tl, tt, tm, tv))
+    lat = torch.cat([tm, tv], 1)  # mu / logvar as row-strided views of one [B, 2D] tensor
+    p = _problem(B, F, D, "bce", reduction)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # the glue must launch on torch's current stream
-        loss, rec, kl, dx, dmu, dlv = fc.torch_vae_loss(tl, tt, tm, tv, 0.5, reduction, "bce", True)
+    with torch.cuda.stream(stream):  # the backend must launch on torch's current stream
+        loss, rec, kl, dx, dmu, dlv = cl.fused_loss(p, tl, tt, lat[:, :D], lat[:, D:])
     stream.synchronize()
     r_loss, r_rec, r_kl, (r_dx, r_dmu, r_dlv) = _reference(n_l, n_t, n_m, n_v, 0.5, reduction, "bce")
     _assert_close("loss", loss, r_loss, 1e-5)
     _assert_close("recon", rec, r_rec, 1e-5)
     _assert_close("kl", kl, r_kl, 1e-5)
-    assert dx.dtype == dt and dx.shape == tl.shape and dmu.dtype == dt
+    assert dx.dtype == dt and dx.shape == tl.shape and dmu.dtype == dt and dlv.shape == (B, D)
     rtol = {"float32": 1e-5, "float16": 2 * EPS16, "bfloat16": 2.0**-7}[tdtype]
 
     def rounded(a):
@@ -531,15 +853,103 @@ def test_torch_glue(poison, tdtype, reduction):
         ("dlogvar", dlv, r_dlv, 2.0**-24),
     ):
         _assert_close(name, got, rounded(want), rtol, atol)
+    # deterministic: a second call is bit-identical
+    again = cl.fused_loss(p, tl, tt, lat[:, :D], lat[:, D:])
+    for a, b in zip((loss, rec, kl, dx, dmu, dlv), again, strict=True):
+        assert torch.equal(a, b)
 
-    z = fc.torch_reparameterize(tm, tv, seed=99)
-    eps = ref.randn(99, np.arange(B * D)).reshape(B, D)
-    z_ref = n_m + np.exp(0.5 * n_v.astype(np.float64)) * eps
-    _assert_close(
-        "z", z, rounded(z_ref), 0.0, 4 * rtol * (np.abs(n_m) + np.exp(0.5 * n_v) * np.abs(eps)) + 1e-30
-    )
-    dlogvar = fc.torch_reparameterize_backward(tm, tv, seed=99)
-    _assert_close("dlogvar", dlogvar, rounded(0.5 * n_m * np.exp(0.5 * n_v) * eps), 4 * rtol, 1e-30)
+
+@gpu
+@needs_torch_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_kind", ["one", "scalar", "rows", "broadcast"])
+@pytest.mark.parametrize("tdtype", ["float32", "float16"])
+def test_backend_scale_grads(grad_kind, tdtype):
+    dt = getattr(torch, tdtype)
+    B, F, D = 129, 784, 20
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    dx = torch.randn(B, F, device="cuda", generator=gen).to(dt)
+    dmu, dlv = (torch.randn(B, D, device="cuda", generator=gen) for _ in range(2))
+    factors = 1.0 - 1.75 * (torch.arange(B, device="cuda") % 3 != 0).float()  # 1 (untouched) or -0.75
+    grad = {
+        "one": torch.ones((), device="cuda"),  # what loss.backward() passes: nothing may move
+        "scalar": torch.full((), 65536.0, device="cuda"),  # a loss scaler
+        "rows": factors,
+        "broadcast": torch.full((), 0.5, device="cuda").expand(B),
+    }[grad_kind]
+    s = grad.float().expand(B)[:, None]
+    want = [(g.float() * s).to(g.dtype) for g in (dx, dmu, dlv)]
+    cl.scale_grads_(grad, dx, dmu, dlv)
+    for got, w in zip((dx, dmu, dlv), want, strict=True):
+        assert torch.equal(got, w)  # one fp32 product rounded once: torch's own result, bit for bit
+    cl.scale_grads_(grad, dx, torch.empty(0, device="cuda"), torch.empty(0, device="cuda"))  # dlogits alone
+    assert torch.equal(dx, (want[0].float() * s).to(dt))
+
+
+@gpu
+@needs_torch_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("offset", [0, 2**32 - 100])
+def test_backend_reparameterize_key_tensor_and_offset(poison, offset):
+    B, D = 129, 20
+    gen = np.random.default_rng(4)
+    mu, logvar = (torch.from_numpy(gen.normal(0, 1, (B, D)).astype(np.float32)).cuda() for _ in range(2))
+    seed = 2**63 + 11  # an int64 key tensor holds its bits (negative)
+    key = torch.tensor([seed - 2**64], dtype=torch.int64, device="cuda")
+    z = cl.reparameterize(mu, logvar, key, offset)
+    assert torch.equal(z, cl.reparameterize(mu, logvar, seed, offset))
+    eps = ref.randn(seed, offset + np.arange(B * D)).reshape(B, D)
+    m64, v64 = mu.double().cpu().numpy(), logvar.double().cpu().numpy()
+    std = np.exp(0.5 * v64)
+    _assert_close("z", z, m64 + std * eps, 0.0, 2.0**-20 * (np.abs(m64) + std * np.abs(eps)) + 1e-30)
+    dz = torch.ones_like(mu)
+    dlv = cl.reparameterize_backward(dz, logvar, key, offset)
+    _assert_close("dlogvar", dlv, 0.5 * std * eps, 2.0**-19, 1e-30)
+
+
+@gpu
+@needs_torch_cuda
+@pytest.mark.gpu
+def test_backend_key_read_at_graph_replay():
+    """A captured graph reads the key tensor on each replay: new key contents, new eps."""
+    mu, logvar = torch.zeros(64, 20, device="cuda"), torch.zeros(64, 20, device="cuda")
+    key = torch.tensor([7], dtype=torch.int64, device="cuda")
+    cl.reparameterize(mu, logvar, key, 0)  # compile and warm up outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cl.reparameterize(mu, logvar, key, 0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        z = cl.reparameterize(mu, logvar, key, 0)
+    for seed in (7, 8, 2**40 + 1):
+        key.fill_(seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(z, cl.reparameterize(mu, logvar, seed, 0)), f"replay with key {seed}"
+
+
+@gpu
+@needs_torch_cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(TORCH_CUDA and torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_backend_launches_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run there, the current device stays."""
+    B, F, D = 33, 784, 20
+    logits, target, mu, logvar = _inputs(B, F, D, np.float32, "uint8", seed=2)
+    args1 = [torch.from_numpy(a).to("cuda:1") for a in (logits, target, mu, logvar)]
+    torch.cuda.set_device(0)
+    p = _problem(B, F, D, "bce", "mean")
+    out1 = cl.fused_loss(p, *args1)
+    assert torch.cuda.current_device() == 0 and all(o.device == torch.device("cuda:1") for o in out1)
+    out0 = cl.fused_loss(p, *(a.to("cuda:0") for a in args1))
+    for a, b in zip(out1, out0, strict=True):
+        assert torch.equal(a.cpu(), b.cpu())
+    z1 = cl.reparameterize(args1[2], args1[3], torch.tensor([5], device="cuda:1"), 3)
+    assert torch.equal(z1.cpu(), cl.reparameterize(args1[2].to("cuda:0"), args1[3].to("cuda:0"), 5, 3).cpu())
+    cl.scale_grads_(torch.full((), 2.0, device="cuda:1"), out1[3], out1[4], out1[5])
+    assert torch.equal(out1[3].cpu(), 2 * out0[3].cpu()) and torch.cuda.current_device() == 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -504,3 +504,117 @@ def test_device_batches_on_cuda_with_cpu_generator():
     assert torch.cat(seen).numel() == 1000
     gen = torch.Generator(device="cuda").manual_seed(0)
     assert sum(b[0].shape[0] for b in DeviceBatches(x, y, 128, device="cuda", generator=gen)) == 1000
+
+
+# --------------------------------------------------------------------------------------------
+# Untrusted files (issue 12): bounded IDX reads, pickled .pt files
+# --------------------------------------------------------------------------------------------
+
+
+class _CountingGzip(gzip.GzipFile):
+    """A GzipFile that counts the inflated bytes it hands out (``readinto`` goes through ``read``)."""
+
+    inflated = 0
+
+    def read(self, size=-1):
+        out = super().read(size)
+        type(self).inflated += len(out)
+        return out
+
+
+def test_gzip_idx_is_never_inflated_past_its_declared_size(tmp_path, monkeypatch):
+    # A valid (10, 28, 28) header followed by 64 MB of zeros: 64 KB of gzip. Before, the whole stream was
+    # inflated (the issue's 14 MB file became 6.5 GB) before the size check refused it.
+    path = tmp_path / "bomb-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 8, 3]) + struct.pack(">3I", 10, 28, 28)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header)
+        chunk = bytes(1 << 20)
+        for _ in range(64):
+            f.write(chunk)
+    assert path.stat().st_size < 1 << 20
+    _CountingGzip.inflated = 0
+    monkeypatch.setattr(data.gzip, "GzipFile", _CountingGzip)
+    with pytest.raises(
+        ValueError, match=r"bomb-images-idx3-ubyte\.gz: IDX file has unexpected trailing bytes"
+    ):
+        read_idx(path)
+    assert _CountingGzip.inflated == len(header) + 10 * 28 * 28 + 1
+
+
+def test_idx_header_declaring_more_than_the_file_can_hold_is_refused_before_reading(tmp_path):
+    # 6.5 GB declared by a tiny gzip file: deflate expands at most 1032-fold, so it is truncated
+    path = tmp_path / "huge.idx.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 100_000, 256, 256) + bytes(100)))
+    with pytest.raises(
+        ValueError,
+        match=r"huge\.idx\.gz: truncated IDX file: header declares shape "
+        r"\(100000, 256, 256\) of uint8 \(6553600016 bytes in all\) but a gzip file of \d+ "
+        r"bytes inflates to at most",
+    ):
+        read_idx(path)
+    # the same header uncompressed: the file size is known up front
+    raw = tmp_path / "huge.idx"
+    raw.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 100_000, 256, 256) + bytes(100))
+    with pytest.raises(ValueError, match=r"huge\.idx: truncated IDX file: .* but the file holds 116 bytes"):
+        read_idx(raw)
+    # beyond the absolute bound (32 GiB), whatever the file size
+    big = tmp_path / "big.idx"
+    big.write_bytes(bytes([0, 0, 0x0E, 2]) + struct.pack(">2I", 2**31, 2**31))
+    with pytest.raises(
+        ValueError,
+        match=r"big\.idx: IDX header declares shape .* more than the bound "
+        r"MAX_IDX_BYTES=34359738368 \(32 GiB\)",
+    ):
+        read_idx(big)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gzip"])
+def test_idx_header_with_70_dimensions_names_the_file(tmp_path, compress):
+    path = tmp_path / "many-dims.idx"
+    payload = bytes([0, 0, 8, 70]) + struct.pack(">70I", *([1] * 70)) + b"\x00"
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+    with pytest.raises(ValueError, match=r"many-dims\.idx: IDX header declares 70 dimensions; at most 16"):
+        read_idx(path)
+
+
+def test_gzip_idx_short_and_trailing_data_are_refused(tmp_path):
+    short = tmp_path / "short.idx.gz"
+    short.write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + bytes(7)))
+    with pytest.raises(
+        ValueError, match=r"short\.idx\.gz: truncated IDX file: .* but the file holds 15 bytes"
+    ):
+        read_idx(short)
+    trailing = tmp_path / "trailing.idx.gz"
+    trailing.write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 3) + bytes(5)))
+    with pytest.raises(ValueError, match=r"trailing\.idx\.gz: IDX file has unexpected trailing bytes"):
+        read_idx(trailing)
+    ok = tmp_path / "ok.idx.gz"
+    ok.write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 3) + bytes([1, 2, 3])))
+    np.testing.assert_array_equal(read_idx(ok), [1, 2, 3])
+
+
+def test_pickled_or_foreign_pt_data_is_refused_in_one_line(tmp_path):
+    import pathlib
+
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"x": torch.zeros(2, 4), "origin": pathlib.PurePosixPath("/data")}, pickled)
+    with pytest.raises(ValueError) as info:
+        load_data(pickled)
+    message = str(info.value)
+    assert message.startswith(f"data file {pickled} holds pickled Python objects (pathlib.PurePosixPath)")
+    assert "weights_only=True" in message and "\n" not in message
+    foreign = tmp_path / "noise.pt"
+    foreign.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(
+        ValueError, match=r"data file .*noise\.pt is truncated or corrupt, or not a torch file"
+    ):
+        load_data(foreign)
+    with pytest.raises(ValueError, match=r"labels file .*pickled\.pt holds pickled Python objects"):
+        load_data(torch.zeros(2, 4), labels=pickled)
+
+
+def test_range_check_of_meta_and_zero_feature_data():
+    check_unit_range(torch.zeros(4, 0), "x")  # nothing to check
+    with pytest.raises(ValueError, match=r"x is a meta tensor \(shape \[4, 3\], no data\)"):
+        check_unit_range(torch.zeros(4, 3, device="meta"), "x")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastvae
-from fastvae.models import MLPVAE, MODELS, ConvVAE, build_model
+from fastvae.models import MAX_LAYERS, MAX_PARAMETERS, MLPVAE, MODELS, ConvVAE, build_model
 
 SHAPES = [(1, 28, 28), (1, 32, 32), (3, 32, 32)]
 
@@ -211,3 +211,38 @@ def test_a_few_steps_reduce_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0]
+
+
+@pytest.mark.parametrize(
+    ("kind", "in_shape", "hidden", "latent"),
+    [
+        ("mlp", (1, 28, 28), (400,), 20),
+        ("mlp", (5,), (), 3),
+        ("mlp", (2, 3), (7, 5, 4), 2),
+        ("conv", (1, 28, 28), (32, 64, 16), 2),
+        ("conv", (3, 32, 32), (4, 8, 6, 5), 3),
+        ("conv", (2, 8, 4), (3, 7), 1),
+    ],
+)
+def test_parameter_count_is_computed_without_building(kind, in_shape, hidden, latent):
+    cls = MODELS[kind]
+    model = cls(in_shape=in_shape, hidden=hidden, latent=latent)
+    assert cls.num_parameters(in_shape, hidden, latent) == sum(p.numel() for p in model.parameters())
+
+
+def test_oversized_configs_are_refused_before_allocating():
+    # hidden: [400000000] in a checkpoint's config used to try to allocate 2.5 TB
+    with pytest.raises(ValueError, match=r"would have 6\.32e\+11 parameters .*MAX_PARAMETERS=1e\+09"):
+        build_model({"model": "mlp", "hidden": [400000000], "latent": 3})
+    with pytest.raises(ValueError, match=r"more than the bound MAX_PARAMETERS"):
+        build_model({"model": "mlp", "in_shape": [1, 10**6, 10**6]})
+    with pytest.raises(ValueError, match=r"more than the bound MAX_PARAMETERS"):
+        build_model({"model": "conv", "in_shape": [1, 2**20, 2**20], "hidden": [1, 1]})
+    with pytest.raises(ValueError, match=r"config has 65 hidden layers, more than the bound MAX_LAYERS=64"):
+        build_model({"model": "mlp", "hidden": [1] * 65})
+    with pytest.raises(ValueError, match=r"config has 100 hidden layers"):
+        build_model({"model": "conv", "hidden": [1] * 101})
+    with pytest.raises(ValueError, match=r"config\['hidden'\] must be a list of positive integers, got 400"):
+        build_model({"model": "mlp", "hidden": 400})
+    assert MAX_PARAMETERS == 10**9 and MAX_LAYERS == 64
+    build_model({"model": "mlp", "hidden": [1] * 64, "in_shape": [4]})  # at the bound: fine

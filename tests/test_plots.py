@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from matplotlib.patches import Ellipse
 
 from fastvae.data import load_mnist
 from fastvae.models import MLPVAE, ConvVAE
 from fastvae.plots import (
     FILENAMES,
+    _loss_figure,
+    _manifold_figure,
+    _pca_plane,
     plot_latent,
     plot_loss,
     plot_manifold,
@@ -122,3 +127,53 @@ def test_argument_errors(tmp_path):
         plot_samples(model, tmp_path / "s.png", n=0)
     with pytest.raises(ValueError, match="at least one image"):
         plot_reconstructions(model, torch.zeros(0, 1, 28, 28), tmp_path / "r.png")
+
+
+@pytest.mark.parametrize("epochs", [[1, 2], [3, 4, 5, 6], list(range(1, 11)), [1, 2, 3] + list(range(4, 21))])
+def test_loss_ticks_are_whole_epochs(epochs):
+    """Epochs are whole numbers: no 1.5 or 2.5 ticks, whatever the range (a resumed run's history too)."""
+    history = [{"epoch": e, "train_loss": 200.0 / e, "val_loss": 210.0 / e} for e in epochs]
+    ax = _loss_figure(history).axes[0]
+    lo, hi = ax.get_xlim()
+    shown = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert len(shown) >= 2 and all(float(t).is_integer() for t in shown), shown
+
+
+def test_manifold_cells_are_centred_on_the_points_they_decode():
+    """n=3, span=2: cells decode z in {-2, 0, 2}^2 and are drawn centred there (extent +-3)."""
+    torch.manual_seed(0)
+    model = MLPVAE(hidden=(16,), latent=2).eval()
+    ax = _manifold_figure(model, 3, 2.0, None).axes[0]
+    (image,) = ax.images
+    assert tuple(image.get_extent()) == (-3.0, 3.0, -3.0, 3.0)
+    grid = np.asarray(image.get_array())
+    with torch.no_grad():
+        centre = torch.sigmoid(model.decode(torch.zeros(1, 2))).reshape(28, 28).double().numpy()
+        top_left = torch.sigmoid(model.decode(torch.tensor([[-2.0, 2.0]]))).reshape(28, 28).double().numpy()
+    assert np.allclose(grid[28:56, 28:56], centre, atol=1e-6)  # the middle cell is z = (0, 0)
+    assert np.allclose(grid[:28, :28], top_left, atol=1e-6)  # first axis right, second up
+
+
+def test_manifold_above_two_dimensions_marks_where_no_image_is_encoded(mnist_val):
+    """latent > 2: the title says how far the nearest code is from the mean code; an ellipse marks it."""
+    torch.manual_seed(0)
+    model = MLPVAE(hidden=(32,), latent=6).eval()
+    x = mnist_val[0]
+    fig = _manifold_figure(model, 5, 3.0, x)
+    ax = fig.axes[0]
+    with torch.no_grad():
+        mu = model.encode(x)[0].double()
+    centre, _, std, _ = _pca_plane(mu)
+    nearest = float((mu - centre).norm(dim=1).min())
+    title = ax.get_title()
+    assert f"No encoded image lies within {nearest:.2f} of c" in title and "the other 4 directions" in title
+    (ellipse,) = [p for p in ax.patches if isinstance(p, Ellipse)]
+    assert ellipse.width == pytest.approx(2 * nearest / float(std[0]), rel=1e-5)
+    assert ellipse.height == pytest.approx(2 * nearest / float(std[1]), rel=1e-5)
+
+
+def test_a_file_in_the_way_of_the_output_folder_is_named(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(NotADirectoryError, match=f"{blocker} is a file, not a directory"):
+        plot_samples(MLPVAE(hidden=(16,), latent=2), blocker / "sub" / "s.png", n=4)

@@ -7,7 +7,12 @@ import torch
 from conftest import DEVICE
 
 import fastvae
-from fastvae.ops import _fused_loss_op, _reparameterize_backward_op, _reparameterize_op, _scale_grads_op
+from fastvae.ops import (
+    _fused_loss_op,
+    _reparameterize_backward_op,
+    _reparameterize_op,
+    _scale_grads_op,
+)
 
 
 def _loss_args(B=6, F=10, D=3, *, dtype=torch.float32, grad=True):
@@ -36,9 +41,10 @@ def test_opcheck_reparameterize_and_scale(backend):
         torch.randn(5, 4, device=DEVICE, requires_grad=True),
         torch.randn(5, 4, device=DEVICE, requires_grad=True),
     )
-    seed = torch.tensor(42)
-    torch.library.opcheck(_reparameterize_op, (mu, lv, seed))
-    torch.library.opcheck(_reparameterize_backward_op, (torch.randn(5, 4, device=DEVICE), lv.detach(), seed))
+    for key, offset in ((torch.tensor(42), 0), (torch.tensor([2**40 + 7], device=DEVICE), 13)):
+        torch.library.opcheck(_reparameterize_op, (mu, lv, key, offset))
+        dz = torch.randn(5, 4, device=DEVICE)
+        torch.library.opcheck(_reparameterize_backward_op, (dz, lv.detach(), key, offset))
     bufs = [
         torch.randn(5, 7, device=DEVICE),
         torch.randn(5, 4, device=DEVICE),

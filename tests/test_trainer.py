@@ -11,6 +11,7 @@ import torch
 from fastvae import data, models
 from fastvae.checkpoint import load_checkpoint
 from fastvae.trainer import (
+    BETA_MAX,
     METRICS_NAME,
     TIMING_KEYS,
     Trainer,
@@ -231,6 +232,11 @@ def test_bad_arguments_are_named():
             assert Trainer(model, amp="bf16", device="cpu").amp is None
     with pytest.raises(TypeError, match="train must be an image tensor"):
         Trainer(model, device="cpu").fit("mnist", 1)
+    meta = torch.zeros(4, 1, 28, 28, dtype=torch.uint8, device="meta")
+    with pytest.raises(
+        ValueError, match=r"train images are a meta tensor \(shape \[4, 1, 28, 28\], no data\)"
+    ):
+        Trainer(model, device="cpu").fit(meta, 1)
 
 
 def test_progress_bar_runs(mnist_small, capsys):
@@ -238,3 +244,16 @@ def test_progress_bar_runs(mnist_small, capsys):
     Trainer(small_model(), device="cpu", progress=True).fit(train, 1, val=val)
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "val" in err
+
+
+@pytest.mark.parametrize("name", ["beta", "free_bits"])
+def test_beta_and_free_bits_must_be_bounded_numbers(name):
+    model = small_model()
+    for bad in ("1", True, None, torch.tensor(1.0), float("nan"), -1.0):
+        with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0, got "):
+            Trainer(model, device="cpu", **{name: bad})
+    for big in (1e308, BETA_MAX * 1.001):  # 1e308 made every loss inf
+        with pytest.raises(ValueError, match=rf"{name} must be at most 1e\+06, got "):
+            Trainer(model, device="cpu", **{name: big})
+    assert getattr(Trainer(model, device="cpu", **{name: BETA_MAX}), name) == 1e6
+    assert getattr(Trainer(model, device="cpu", **{name: 2}), name) == 2.0

@@ -192,10 +192,10 @@ FV_HD float fv_uint_to_uniform(fv_u32 x) {
     return (float)s * 4.6566127342e-10f;
 }
 
-// The Philox words (c0, c1) for a flat element index: counter (offset lo, offset hi, 0, 0).
-FV_HD fv_u32x4 fv_philox_for_offset(fv_u64 seed, fv_i64 offset) {
-    const fv_u64 off = (fv_u64)offset;
-    return fv_philox4x32_10(seed, (fv_u32)off, (fv_u32)(off >> 32), 0u, 0u);
+// The Philox words for a 64-bit counter c: Philox4x32-10 of (c lo, c hi, 0, 0) under the key `seed`.
+// A reparameterize call draws element i at c = offset + i (fastvae.backend's RNG contract).
+FV_HD fv_u32x4 fv_philox_for_counter(fv_u64 seed, fv_u64 counter) {
+    return fv_philox4x32_10(seed, (fv_u32)counter, (fv_u32)(counter >> 32), 0u, 0u);
 }
 
 // cos(a) for |a| <= ~100 (Box-Muller only needs [0, 2 pi)), accurate to ~1 ulp: a = j pi/2 + r with
@@ -237,9 +237,9 @@ FV_HD float fv_box_muller(float u1, float u2) {
     return radius * fv_cos_small(theta);
 }
 
-// eps for element `offset` of a reparameterize call: tl.randn(seed, offset).
-FV_HD float fv_randn(fv_u64 seed, fv_i64 offset) {
-    const fv_u32x4 r = fv_philox_for_offset(seed, offset);
+// One standard normal at a 64-bit counter: tl.randn(seed, counter) (fastvae.reference.randn).
+FV_HD float fv_randn(fv_u64 seed, fv_u64 counter) {
+    const fv_u32x4 r = fv_philox_for_counter(seed, counter);
     return fv_box_muller(fv_uint_to_uniform(r.x), fv_uint_to_uniform(r.y));
 }
 
@@ -318,8 +318,9 @@ FV_HD float fv_kl(float mu, float lv, float* dlv) {
     return 0.5f * (mu * mu + fv_exp_minus_1_minus_x(lv));
 }
 
-// Reconstruction selector used by the loss kernel's RECON template parameter.
-enum { FV_RECON_BCE = 0, FV_RECON_MSE = 1 };
+// Reconstruction kinds, numbered as fastvae.backend (RECON_NONE / RECON_BCE / RECON_MSE): the loss
+// kernel's RECON template parameter.  A KL-only call runs the BCE instantiation with F = 0.
+enum { FV_RECON_NONE = 0, FV_RECON_BCE = 1, FV_RECON_MSE = 2 };
 
 template <int RECON>
 FV_HD float fv_recon(float x, fv_target tg, float* grad) {

@@ -1,21 +1,26 @@
-// reparameterize.cu -- z = mu + exp(logvar / 2) * eps and its backward, eps = tl.randn(seed, index).
+// reparameterize.cu -- z = mu + exp(logvar / 2) * eps and its backward, eps[i] = randn(key, offset + i).
 //
 // Tensors are logical [rows, cols] with contiguous features and a row stride in elements (so a
 // sliced mu / logvar needs no copy); the host collapses fully contiguous inputs to one row of
-// rows * cols elements.  eps for element (r, c) is drawn from Philox4x32-10 at the flat C-order
-// index r * cols + c (int64, so more than 2^31 elements work), exactly as Triton's tl.randn, so the
-// backward replays the forward's noise from the seed alone and nothing is saved between them.
+// rows * cols elements.  eps for element (r, c) is tl.randn(key, offset + r * cols + c): Philox4x32-10
+// keyed by the 64-bit key at the 64-bit counter offset + flat C-order index (wrapping mod 2^64;
+// counters crossing 2^32 carry into the high word), exactly as Triton's tl.randn, so the backward
+// replays the forward's noise from (key, offset) alone and nothing is saved between them.
+//
+// The key is either the scalar `key` (an explicit seed) or, when `key_ptr` is not null, the int64
+// at key_ptr read on the device (its bits as a u64): a key drawn on the device by torch's generator,
+// never read on the host, so a captured CUDA graph draws fresh eps on every replay.
 //
 // Forward   reads mu, logvar         writes z          : 3 * sizeof(T) bytes per element
 // Backward  reads dz, logvar         writes dlogvar    : 3 * sizeof(T) bytes per element
-//           (dmu = dz is returned by the host without a kernel)
+//           (dmu = dz is returned by the host without a kernel); + 8 bytes of key per thread (cached)
 // Per element: one Philox4x32-10 (10 rounds of two 32x32->64 multiplies and four xors), one logf,
 // sqrtf, expf and the short-range cosine of fastvae_math.cuh -- far more arithmetic per byte than
-// the loss kernel (not yet timed on a GPU).
+// the loss kernel.
 //
 // Launch: block (256, 1), grid (gx, gy); blockIdx.y strides over rows, x over chunks of a row.
 // __launch_bounds__(256, 4): at least 4 resident blocks per SM, i.e. at most 64 registers, a fixed
-// budget so ptxas never trades spills for occupancy (it uses 48-56; tests check for no spills).
+// budget so ptxas never trades spills for occupancy (tests check for no spills).
 // `vec` != 0 means every base pointer is 16-byte aligned and every row stride is a multiple of
 // VEC = 16 / sizeof(T) elements: full chunks then move as one 16-byte access per tensor.
 #include "fastvae_math.cuh"
@@ -28,15 +33,15 @@ struct fv_reparam_vec {
 
 // z = mu + std * eps, std = exp(lv / 2); fp32 math, rounded once to T.
 template <typename T>
-__device__ __forceinline__ T fv_reparam_elem(T mu, T lv, fv_u64 seed, fv_i64 offset) {
-    const float eps = fv_randn(seed, offset);
+__device__ __forceinline__ T fv_reparam_elem(T mu, T lv, fv_u64 seed, fv_u64 counter) {
+    const float eps = fv_randn(seed, counter);
     return fv_from_float<T>(fv_to_float(mu) + expf(0.5f * fv_to_float(lv)) * eps);
 }
 
 // dlogvar = 0.5 * dz * std * eps (= 0.5 * dz * (z - mu)); fp32 math, rounded once to T.
 template <typename T>
-__device__ __forceinline__ T fv_reparam_bwd_elem(T dz, T lv, fv_u64 seed, fv_i64 offset) {
-    const float eps = fv_randn(seed, offset);
+__device__ __forceinline__ T fv_reparam_bwd_elem(T dz, T lv, fv_u64 seed, fv_u64 counter) {
+    const float eps = fv_randn(seed, counter);
     return fv_from_float<T>(0.5f * fv_to_float(dz) * expf(0.5f * fv_to_float(lv)) * eps);
 }
 
@@ -45,15 +50,17 @@ template <typename T, bool BACKWARD>
 __device__ __forceinline__ void fv_reparam_body(const T* __restrict__ a, fv_i64 a_stride,
                                                 const T* __restrict__ logvar, fv_i64 lv_stride,
                                                 T* __restrict__ out, fv_i64 out_stride, fv_i64 rows,
-                                                fv_i64 cols, fv_u64 seed, int vec) {
+                                                fv_i64 cols, const fv_i64* __restrict__ key_ptr, fv_u64 key,
+                                                fv_u64 offset, int vec) {
     constexpr int VEC = fv_reparam_vec<T>::VEC;
+    const fv_u64 seed = key_ptr != nullptr ? (fv_u64)*key_ptr : key;  // one 8-byte load, cached
     const fv_i64 step = (fv_i64)gridDim.x * blockDim.x;
     const fv_i64 first = (fv_i64)blockIdx.x * blockDim.x + threadIdx.x;
     for (fv_i64 row = blockIdx.y; row < rows; row += gridDim.y) {
         const T* __restrict__ a_row = a + row * a_stride;
         const T* __restrict__ lv_row = logvar + row * lv_stride;
         T* __restrict__ out_row = out + row * out_stride;
-        const fv_i64 base = row * cols;  // flat index of (row, 0): the Philox counter
+        const fv_u64 base = offset + (fv_u64)(row * cols);  // Philox counter of (row, 0)
         // Vector part: chunks of VEC whole elements.
         const fv_i64 n_vec = vec ? cols / VEC : 0;
         for (fv_i64 c = first; c < n_vec; c += step) {
@@ -63,35 +70,41 @@ __device__ __forceinline__ void fv_reparam_body(const T* __restrict__ a, fv_i64 
             plv.load(lv_row + col);
             FV_UNROLL
             for (int j = 0; j < VEC; ++j) {
-                po.v[j] = BACKWARD ? fv_reparam_bwd_elem<T>(pa.v[j], plv.v[j], seed, base + col + j)
-                                   : fv_reparam_elem<T>(pa.v[j], plv.v[j], seed, base + col + j);
+                const fv_u64 counter = base + (fv_u64)(col + j);
+                po.v[j] = BACKWARD ? fv_reparam_bwd_elem<T>(pa.v[j], plv.v[j], seed, counter)
+                                   : fv_reparam_elem<T>(pa.v[j], plv.v[j], seed, counter);
             }
             po.store(out_row + col);
         }
         // Scalar part: the tail of a vectorized row, or the whole row when vec == 0.
         for (fv_i64 col = n_vec * VEC + first; col < cols; col += step) {
-            out_row[col] = BACKWARD ? fv_reparam_bwd_elem<T>(a_row[col], lv_row[col], seed, base + col)
-                                    : fv_reparam_elem<T>(a_row[col], lv_row[col], seed, base + col);
+            const fv_u64 counter = base + (fv_u64)col;
+            out_row[col] = BACKWARD ? fv_reparam_bwd_elem<T>(a_row[col], lv_row[col], seed, counter)
+                                    : fv_reparam_elem<T>(a_row[col], lv_row[col], seed, counter);
         }
     }
 }
 
-// z[r, c] = mu[r, c] + exp(logvar[r, c] / 2) * randn(seed, r * cols + c)
+// z[r, c] = mu[r, c] + exp(logvar[r, c] / 2) * randn(key, offset + r * cols + c)
 template <typename T>
 __global__ void __launch_bounds__(256, 4)
     fastvae_reparameterize_fwd(const T* __restrict__ mu, fv_i64 mu_stride, const T* __restrict__ logvar,
                                fv_i64 lv_stride, T* __restrict__ z, fv_i64 z_stride, fv_i64 rows,
-                               fv_i64 cols, fv_u64 seed, int vec) {
-    fv_reparam_body<T, false>(mu, mu_stride, logvar, lv_stride, z, z_stride, rows, cols, seed, vec);
+                               fv_i64 cols, const fv_i64* __restrict__ key_ptr, fv_u64 key, fv_u64 offset,
+                               int vec) {
+    fv_reparam_body<T, false>(mu, mu_stride, logvar, lv_stride, z, z_stride, rows, cols, key_ptr, key, offset,
+                              vec);
 }
 
-// dlogvar[r, c] = 0.5 * dz[r, c] * exp(logvar[r, c] / 2) * randn(seed, r * cols + c)
+// dlogvar[r, c] = 0.5 * dz[r, c] * exp(logvar[r, c] / 2) * randn(key, offset + r * cols + c)
 template <typename T>
 __global__ void __launch_bounds__(256, 4)
     fastvae_reparameterize_bwd(const T* __restrict__ dz, fv_i64 dz_stride, const T* __restrict__ logvar,
                                fv_i64 lv_stride, T* __restrict__ dlogvar, fv_i64 dlv_stride, fv_i64 rows,
-                               fv_i64 cols, fv_u64 seed, int vec) {
-    fv_reparam_body<T, true>(dz, dz_stride, logvar, lv_stride, dlogvar, dlv_stride, rows, cols, seed, vec);
+                               fv_i64 cols, const fv_i64* __restrict__ key_ptr, fv_u64 key, fv_u64 offset,
+                               int vec) {
+    fv_reparam_body<T, true>(dz, dz_stride, logvar, lv_stride, dlogvar, dlv_stride, rows, cols, key_ptr, key,
+                             offset, vec);
 }
 
 // Explicit instantiations for offline checks (nvcc in tests/test_cuda_sources.py).  At run time
@@ -99,9 +112,11 @@ __global__ void __launch_bounds__(256, 4)
 #ifdef FASTVAE_INSTANTIATE_ALL
 #define FV_INST_REPARAM(T)                                                                            \
     template __global__ void fastvae_reparameterize_fwd<T>(const T*, fv_i64, const T*, fv_i64, T*, fv_i64, \
-                                                           fv_i64, fv_i64, fv_u64, int);              \
+                                                           fv_i64, fv_i64, const fv_i64*, fv_u64, fv_u64,  \
+                                                           int);                                           \
     template __global__ void fastvae_reparameterize_bwd<T>(const T*, fv_i64, const T*, fv_i64, T*, fv_i64, \
-                                                           fv_i64, fv_i64, fv_u64, int);
+                                                           fv_i64, fv_i64, const fv_i64*, fv_u64, fv_u64,  \
+                                                           int);
 FV_INST_REPARAM(float)
 FV_INST_REPARAM(fv_half)
 FV_INST_REPARAM(fv_bf16)

@@ -1,117 +1,25 @@
-// CPU emulator for the fastvae CUDA kernels: compiles kernels/cuda/vae_loss.cu and
-// reparameterize.cu *unchanged* as C++ and runs them with CUDA's execution model emulated, so
-// tests/test_cuda_sources.py can check the kernels' indexing, vector/tail paths, row-group
-// reductions and the finalize kernel against fastvae/reference.py on a machine without a GPU.
-//
-// Model: a block's threads are cooperative fibers (ucontext) run one at a time; __syncthreads()
-// yields to the scheduler, which resumes every thread of the block in turn, so a barrier is a
-// round.  __shfl_xor_sync is a barrier-separated exchange through a block-wide array (the kernels
-// only shuffle with the whole block converged).  __shared__ is `static`: blocks run one after the
-// other.  A block whose threads do not all reach the same barriers is reported as an error.
+// CPU emulator for the fastvae CUDA kernels: compiles kernels/cuda/vae_loss.cu, reparameterize.cu
+// and scale_grads.cu *unchanged* as C++ and runs them under cuda_emu.h (CUDA's execution model on
+// the host), so tests/test_cuda_sources.py can check the kernels' indexing, vector/tail paths,
+// row-group reductions, the finalize kernel, the random counters and the in-place gradient scale
+// against fastvae/reference.py on a machine without a GPU.
 //
 //     g++ -std=c++17 -O2 -fno-strict-aliasing -I kernels/cuda kernel_emulator.cpp -o kernel_emulator
 //
-// Usage: kernel_emulator loss|reparam JOB OUT (formats in run_loss / run_reparam below; every
-// output buffer is filled with NaN bytes first, so an element the kernels do not write shows up).
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <ucontext.h>
+// Usage: kernel_emulator loss|reparam|scale JOB OUT (formats in run_loss / run_reparam / run_scale
+// below; every output buffer is filled with NaN bytes first, so an element the kernels do not write
+// shows up).
+#include "cuda_emu.h"
 
-#include <functional>
-#include <type_traits>
-#include <vector>
-
-// ---- CUDA built-ins ------------------------------------------------------------------------
-struct uint4 {
-    unsigned int x, y, z, w;
-};
-struct uint2 {
-    unsigned int x, y;
-};
-struct fv_dim3 {
-    unsigned int x, y, z;
-};
-static fv_dim3 threadIdx, blockIdx, blockDim, gridDim;
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__ static
-
-namespace emu {
-struct Fiber {
-    ucontext_t ctx;
-    std::vector<char> stack;
-    bool done = false;
-};
-static ucontext_t scheduler;
-static std::vector<Fiber> fibers;
-static unsigned current = 0;
-static std::function<void()> body;
-static float shfl_buf[1024];
-
-static void entry() {
-    body();
-    fibers[current].done = true;  // returns to uc_link = scheduler
-}
-
-static void yield() { swapcontext(&fibers[current].ctx, &scheduler); }
-
-// Runs body() for every block of `grid` with `block.x` threads (1-D blocks).
-static void launch(fv_dim3 grid, fv_dim3 block, std::function<void()> kernel) {
-    gridDim = grid;
-    blockDim = block;
-    body = std::move(kernel);
-    const unsigned n = block.x;
-    fibers.assign(n, Fiber());
-    for (auto& f : fibers) f.stack.resize(1 << 16);
-    for (unsigned by = 0; by < grid.y; ++by) {
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-            for (unsigned t = 0; t < n; ++t) {
-                Fiber& f = fibers[t];
-                f.done = false;
-                getcontext(&f.ctx);
-                f.ctx.uc_stack.ss_sp = f.stack.data();
-                f.ctx.uc_stack.ss_size = f.stack.size();
-                f.ctx.uc_link = &scheduler;
-                makecontext(&f.ctx, entry, 0);
-            }
-            blockIdx = fv_dim3{bx, by, 0};
-            for (;;) {  // one round = every live thread runs to its next barrier or to its end
-                unsigned finished = 0;
-                for (unsigned t = 0; t < n; ++t) {
-                    current = t;
-                    threadIdx = fv_dim3{t, 0, 0};
-                    swapcontext(&scheduler, &fibers[t].ctx);
-                    finished += fibers[t].done;
-                }
-                if (finished == n) break;
-                if (finished != 0) {
-                    fprintf(stderr, "divergent barrier in block (%u, %u)\n", bx, by);
-                    exit(3);
-                }
-            }
-        }
-    }
-}
-}  // namespace emu
-
-static void __syncthreads() { emu::yield(); }
-
-static float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
-    const unsigned t = threadIdx.x;
-    emu::shfl_buf[t] = v;
-    __syncthreads();
-    const float r = emu::shfl_buf[t ^ (unsigned)lane_mask];
-    __syncthreads();
-    return r;
+// A divergent barrier ends the run with exit code 3.
+template <typename F>
+static void launch_or_exit(fv_dim3 grid, fv_dim3 block, F&& kernel) {
+    if (emu::launch(grid, block, std::forward<F>(kernel)) != 0) exit(3);
 }
 
 // ---- the kernels, as NVRTC compiles them -----------------------------------------------------
 #include "reparameterize.cu"
+#include "scale_grads.cu"
 #include "vae_loss.cu"
 
 // ---- job files -------------------------------------------------------------------------------
@@ -148,7 +56,7 @@ void put(FILE* f, const void* p, size_t bytes) {
 
 size_t type_size(int code) { return code == 0 ? 4 : code == 3 ? 1 : 2; }
 
-// loss job: i64 tx, tt, tm (0 fp32, 1 fp16, 2 bf16, 3 uint8), recon (0 bce, 1 mse), need_grad,
+// loss job: i64 tx, tt, tm (0 fp32, 1 fp16, 2 bf16, 3 uint8), recon (1 bce, 2 mse), need_grad,
 //   reduction (0 sum, 1 mean, 2 none), B, F, D, then (offset, row stride, buffer length) in elements
 //   for logits, target, mu, logvar, then group_log2, vec, grid; f64 beta; then the four buffers.
 // out: recon_rows f32[B], kl_rows f32[B], loss_rows f32[B] (none) or out3 f32[3] (sum / mean), and
@@ -173,7 +81,7 @@ void loss_job(const long long* h, double beta, void* const* buf, FILE* out) {
     float* out3 = (float*)poisoned(12);
     const float grad_scale = reduction == 1 ? (float)(1.0 / (double)B) : 1.0f;
     auto row_kernel = [&](auto R, auto G) {
-        emu::launch(fv_dim3{grid, 1, 1}, fv_dim3{FV_LOSS_THREADS, 1, 1}, [&] {
+        launch_or_exit(fv_dim3{grid, 1, 1}, fv_dim3{FV_LOSS_THREADS, 1, 1}, [&] {
             fastvae_vae_loss_rows<TX, TT, TM, decltype(R)::value, decltype(G)::value>(
                 x, xs[1], t, xs[4], mu, xs[7], lv, xs[10], dx, F, dmu, D, dlv, D, rec, kl, rows, B, F, D,
                 (float)beta, grad_scale, glog2, vec);
@@ -183,13 +91,13 @@ void loss_job(const long long* h, double beta, void* const* buf, FILE* out) {
     using MSE = std::integral_constant<int, FV_RECON_MSE>;
     using YES = std::true_type;
     using NO = std::false_type;
-    if (recon == 0) {
+    if (recon == FV_RECON_BCE) {
         if (need_grad) row_kernel(BCE(), YES()); else row_kernel(BCE(), NO());
     } else {
         if (need_grad) row_kernel(MSE(), YES()); else row_kernel(MSE(), NO());
     }
     if (reduction != 2) {
-        emu::launch(fv_dim3{1, 1, 1}, fv_dim3{FV_FINALIZE_THREADS, 1, 1},
+        launch_or_exit(fv_dim3{1, 1, 1}, fv_dim3{FV_FINALIZE_THREADS, 1, 1},
                     [&] { fastvae_vae_loss_finalize(rec, kl, B, (float)beta, reduction == 1, out3); });
     }
     put(out, rec, 4 * B);
@@ -224,7 +132,9 @@ int run_loss(In& in, FILE* out) {
 }
 
 // reparam job: i64 dtype (0 fp32, 1 fp16, 2 bf16), backward, rows, cols, then (offset, row stride,
-//   buffer length) for a (mu or dz) and logvar, vec, grid_x, grid_y, seed (u64 bits); then buffers.
+//   buffer length) for a (mu or dz) and logvar, vec, grid_x, grid_y, key (u64 bits), counter offset
+//   (u64 bits), key_in_memory (1: the kernel reads the key through a pointer, the by-value key
+//   argument is then garbage); then buffers.
 // out: z or dlogvar, contiguous [rows, cols].
 template <typename T>
 void reparam_job(const long long* h, void* const* buf, FILE* out) {
@@ -234,19 +144,24 @@ void reparam_job(const long long* h, void* const* buf, FILE* out) {
     const T* lv = (const T*)buf[1] + h[7];
     const int vec = (int)h[10];
     const fv_dim3 grid{(unsigned)h[11], (unsigned)h[12], 1};
-    const fv_u64 seed = (fv_u64)h[13];
+    const fv_u64 offset = (fv_u64)h[14];
+    const bool in_memory = h[15] != 0;
+    static fv_i64 key_cell;  // the "device" int64 the kernel reads
+    key_cell = h[13];
+    const fv_i64* key_ptr = in_memory ? &key_cell : nullptr;
+    const fv_u64 key = in_memory ? 0x5a5a5a5a5a5a5a5aull : (fv_u64)h[13];
     T* o = (T*)poisoned(sizeof(T) * rows * cols);
-    emu::launch(grid, fv_dim3{256, 1, 1}, [&] {
+    launch_or_exit(grid, fv_dim3{256, 1, 1}, [&] {
         if (backward)
-            fastvae_reparameterize_bwd<T>(a, h[5], lv, h[8], o, cols, rows, cols, seed, vec);
+            fastvae_reparameterize_bwd<T>(a, h[5], lv, h[8], o, cols, rows, cols, key_ptr, key, offset, vec);
         else
-            fastvae_reparameterize_fwd<T>(a, h[5], lv, h[8], o, cols, rows, cols, seed, vec);
+            fastvae_reparameterize_fwd<T>(a, h[5], lv, h[8], o, cols, rows, cols, key_ptr, key, offset, vec);
     });
     put(out, o, sizeof(T) * rows * cols);
 }
 
 int run_reparam(In& in, FILE* out) {
-    long long h[14];
+    long long h[16];
     for (long long& v : h) v = in.i64();
     const size_t size = type_size((int)h[0]);
     void* buf[2] = {in.buffer(size * (size_t)h[6]), in.buffer(size * (size_t)h[9])};
@@ -259,18 +174,57 @@ int run_reparam(In& in, FILE* out) {
     return 0;
 }
 
+// scale job: i64 tx, tm (0 fp32, 1 fp16, 2 bf16), B, F, D, g_stride, g length, dlogits offset (in
+//   elements; -1: no dlogits), has_dmu, has_dlogvar, group_log2, vec, grid; then f32 g, then the
+//   buffers dlogits (offset + B * F elements), dmu, dlogvar (B * D each, when present).
+// out: the same buffers after the in-place scale (dlogits from its offset).
+template <typename TX, typename TM>
+void scale_job(const long long* h, In& in, FILE* out) {
+    const long long B = h[2], F = h[3], D = h[4], g_stride = h[5], n_g = h[6], x_off = h[7];
+    const bool has_mu = h[8] != 0, has_lv = h[9] != 0;
+    const int glog2 = (int)h[10], vec = (int)h[11];
+    const unsigned grid = (unsigned)h[12];
+    const float* g = (const float*)in.buffer(4 * (size_t)n_g);
+    TX* dx_buf = x_off >= 0 ? (TX*)in.buffer(sizeof(TX) * (size_t)(x_off + B * F)) : nullptr;
+    TM* dmu = has_mu ? (TM*)in.buffer(sizeof(TM) * (size_t)(B * D)) : nullptr;
+    TM* dlv = has_lv ? (TM*)in.buffer(sizeof(TM) * (size_t)(B * D)) : nullptr;
+    TX* dx = dx_buf ? dx_buf + x_off : nullptr;
+    launch_or_exit(fv_dim3{grid, 1, 1}, fv_dim3{FV_SCALE_THREADS, 1, 1}, [&] {
+        fastvae_scale_grads<TX, TM>(g, g_stride, dx, dx ? F : 0, dmu, dlv, D, B, glog2, vec);
+    });
+    if (dx) put(out, dx, sizeof(TX) * B * F);
+    if (dmu) put(out, dmu, sizeof(TM) * B * D);
+    if (dlv) put(out, dlv, sizeof(TM) * B * D);
+}
+
+int run_scale(In& in, FILE* out) {
+    long long h[13];
+    for (long long& v : h) v = in.i64();
+    switch (h[0] * 10 + h[1]) {
+        case 0: scale_job<float, float>(h, in, out); break;
+        case 11: scale_job<fv_half, fv_half>(h, in, out); break;
+        case 10: scale_job<fv_half, float>(h, in, out); break;
+        case 22: scale_job<fv_bf16, fv_bf16>(h, in, out); break;
+        case 20: scale_job<fv_bf16, float>(h, in, out); break;
+        default: fprintf(stderr, "dtype pair %lld not built into the emulator\n", h[0] * 10 + h[1]); return 2;
+    }
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     if (argc != 4) {
-        fprintf(stderr, "usage: %s loss|reparam JOB OUT\n", argv[0]);
+        fprintf(stderr, "usage: %s loss|reparam|scale JOB OUT\n", argv[0]);
         return 2;
     }
     FILE* fin = fopen(argv[2], "rb");
     FILE* fout = fopen(argv[3], "wb");
     if (!fin || !fout) return 2;
     In in{fin};
-    const int rc = !strcmp(argv[1], "loss") ? run_loss(in, fout) : run_reparam(in, fout);
+    const int rc = !strcmp(argv[1], "loss")      ? run_loss(in, fout)
+                   : !strcmp(argv[1], "reparam") ? run_reparam(in, fout)
+                                                 : run_scale(in, fout);
     fclose(fout);
     return rc;
 }

@@ -6,7 +6,7 @@
 //
 // Usage: math_harness MODE IN OUT.  IN starts with an int64 count N followed by the mode's input
 // arrays (each N long, one after the other); OUT receives the output arrays the same way.
-//   rng   in: u64 seed[N], i64 offset[N]   out: u32 w0[N], w1[N], w2[N], w3[N], f32 u1[N], u2[N], n[N]
+//   rng   in: u64 seed[N], u64 counter[N]  out: u32 w0[N], w1[N], w2[N], w3[N], f32 u1[N], u2[N], n[N]
 //   loss  in: f32 x[N], t[N], mu[N], lv[N], u8 k[N]
 //         out: f32 bce, dbce, mse, dmse, bce_u8, dbce_u8, mse_u8, dmse_u8, kl, dlv  (each [N])
 //   conv  in: f32 x[N], u16 h[N]
@@ -48,18 +48,18 @@ struct Writer {
 
 void run_rng(Reader& in, Writer& out, long long n) {
     const std::vector<fv_u64> seed = in.read<fv_u64>(n);
-    const std::vector<fv_i64> offset = in.read<fv_i64>(n);
+    const std::vector<fv_u64> counter = in.read<fv_u64>(n);
     std::vector<fv_u32> w0(n), w1(n), w2(n), w3(n);
     std::vector<float> u1(n), u2(n), normal(n);
     for (long long i = 0; i < n; ++i) {
-        const fv_u32x4 r = fv_philox_for_offset(seed[i], offset[i]);
+        const fv_u32x4 r = fv_philox_for_counter(seed[i], counter[i]);
         w0[i] = r.x;
         w1[i] = r.y;
         w2[i] = r.z;
         w3[i] = r.w;
         u1[i] = fv_uint_to_uniform(r.x);
         u2[i] = fv_uint_to_uniform(r.y);
-        normal[i] = fv_randn(seed[i], offset[i]);
+        normal[i] = fv_randn(seed[i], counter[i]);
     }
     out.write(w0);
     out.write(w1);

@@ -1,0 +1,126 @@
+"""The RNG contract: eps[i] = randn(key, offset + i); graph-safe keys that are never read on the host."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE, rel_err, to_np
+
+import fastvae
+from fastvae import ops
+from fastvae import reference as ref
+
+
+class NoHostRead(torch.Tensor):
+    """A key tensor that cannot be brought to the host: what a CUDA graph needs of a key."""
+
+    def _refuse(self, *args, **kwargs):
+        raise AssertionError("the key was read on the host")
+
+    item = tolist = __int__ = __index__ = __float__ = __bool__ = _refuse
+
+
+def _fixed_key(value: int):
+    def draw(device):
+        return torch.tensor([value], dtype=torch.int64, device=device).as_subclass(NoHostRead)
+
+    return draw
+
+
+def test_seed_none_never_reads_the_key_on_the_host(backend, monkeypatch):
+    """With seed=None the key stays a tensor down to the kernel, forward and backward."""
+    key = 2**40 + 99
+    monkeypatch.setattr(ops, "_draw_key", _fixed_key(key))
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(7, 5, generator=g).to(DEVICE).requires_grad_()
+    logvar = torch.randn(7, 5, generator=g).to(DEVICE).requires_grad_()
+    z = fastvae.reparameterize(mu, logvar, offset=3)
+    dz = torch.randn(7, 5, generator=g).to(DEVICE)
+    z.backward(dz)
+    assert rel_err(z.as_subclass(torch.Tensor), ref.reparameterize(to_np(mu), to_np(logvar), key, 3)) < 1e-5
+    want = ref.reparameterize_backward(to_np(dz), to_np(logvar), key, 3)[1]
+    assert rel_err(logvar.grad.as_subclass(torch.Tensor), want) < 1e-5
+
+
+def test_seed_none_draws_on_the_device_from_torch_generator():
+    torch.manual_seed(5)
+    k1 = ops._draw_key(torch.device(DEVICE))
+    torch.manual_seed(5)
+    k2 = ops._draw_key(torch.device(DEVICE))
+    assert k1.device.type == DEVICE and k1.dtype == torch.int64 and k1.shape == (1,)
+    assert torch.equal(k1, k2)
+    assert not torch.equal(k1, ops._draw_key(torch.device(DEVICE)))
+
+
+def test_fresh_eps_each_call_and_manual_seed_reproduces(backend):
+    mu, logvar = torch.zeros(64, 8, device=DEVICE), torch.zeros(64, 8, device=DEVICE)
+    torch.manual_seed(0)
+    a, b = fastvae.reparameterize(mu, logvar), fastvae.reparameterize(mu, logvar)
+    torch.manual_seed(0)
+    c = fastvae.reparameterize(mu, logvar)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**62 + 5])
+def test_offset_is_the_counter_shift(backend, seed):
+    """A shard of rows with offset = first_row * features draws the full batch's eps (data parallel)."""
+    mu, logvar = torch.randn(10, 6, device=DEVICE), torch.randn(10, 6, device=DEVICE)
+    full = fastvae.reparameterize(mu, logvar, seed=seed)
+    part = fastvae.reparameterize(mu[4:7], logvar[4:7], seed=seed, offset=4 * 6)
+    assert torch.equal(part, full[4:7])
+    want = ref.reparameterize(to_np(mu[4:7]), to_np(logvar[4:7]), seed, 24)
+    assert rel_err(part, want) < 1e-5
+
+
+def test_offsets_past_2_32(backend):
+    mu, logvar = torch.zeros(3, 4, device=DEVICE), torch.zeros(3, 4, device=DEVICE)
+    offset = 2**32 - 5  # the counter's low word wraps inside the call
+    z = fastvae.reparameterize(mu, logvar, seed=11, offset=offset)
+    assert rel_err(z, ref.eps(11, (3, 4), offset)) < 1e-5
+
+
+def test_compiled_draws_the_same_eps_as_eager_for_the_same_manual_seed():
+    mu, logvar = torch.randn(16, 4, device=DEVICE), torch.randn(16, 4, device=DEVICE)
+
+    def sample(mu, logvar):
+        return fastvae.reparameterize(mu, logvar) * 1.0
+
+    torch.manual_seed(3)
+    eager = [sample(mu, logvar) for _ in range(2)]
+    compiled = torch.compile(sample, fullgraph=True)
+    torch.manual_seed(3)
+    got = [compiled(mu, logvar) for _ in range(2)]
+    assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+    assert not torch.equal(got[0], got[1])  # a fresh key on every call of the compiled function
+
+
+@pytest.mark.parametrize(
+    "seed, offset, pattern",
+    [(-1, 0, "seed must be"), (2**63, 0, "seed must be"), (True, 0, "seed must be"),
+     (1, -1, "offset must be"), (1, 2**63, "offset must be"), (1, 1.0, "offset must be")],
+)  # fmt: skip
+def test_bad_seed_and_offset(seed, offset, pattern):
+    mu = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=pattern):
+        fastvae.reparameterize(mu, mu, seed=seed, offset=offset)
+
+
+def test_device_guard(monkeypatch):
+    """Triton and CuPy launch on the current device: ops makes it the tensors' device when it differs."""
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext(entered.append(d)))
+    with ops._on(torch.device("cuda", 1)):
+        pass
+    with ops._on(torch.device("cuda", 0)), ops._on(torch.device("cpu")):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_reference_eps_is_randn_at_offset_plus_index():
+    e = ref.eps(3, (2, 5), 10)
+    np.testing.assert_array_equal(e.reshape(-1), ref.randn(3, np.arange(10, 20)))
