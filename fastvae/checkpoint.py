@@ -124,12 +124,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _os_error_in_chain(e: BaseException) -> OSError | None:
-    """The first ``OSError`` among ``e`` and its causes/contexts (torch.save's zip writer wraps them)."""
+def _in_chain(e: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` among ``e`` and its causes/contexts (torch.save's zip writer wraps them)."""
     seen: set[int] = set()
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
-        if isinstance(cur, OSError):
+        if isinstance(cur, kind):
             return cur
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
@@ -171,7 +171,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
                 os.unlink(tmp)
             except OSError:
                 pass
-        os_error = _os_error_in_chain(e) if isinstance(e, OSError | RuntimeError) else None
+        interrupt = _in_chain(e, KeyboardInterrupt)
+        if interrupt is not None and interrupt is not e:
+            # Ctrl-C inside torch.save: its zip writer's clean-up raises a RuntimeError on top of it.
+            raise KeyboardInterrupt from None
+        os_error = _in_chain(e, OSError) if isinstance(e, OSError | RuntimeError) else None
         if os_error is None or isinstance(e, CheckpointWriteError):
             raise
         kept = f"the previous {path.name} is kept" if existed else f"no {path.name} was written"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastvae.kernels.launch import Launcher
 from torch import Tensor
 
 from fastvae.backend import REDUCE_MEAN, REDUCE_NONE, LossProblem
@@ -525,7 +526,7 @@ def _ticket(device: torch.device) -> Tensor:
     return ticket
 
 
-def _loss_launch(p: LossProblem, x_dtype, t_dtype, m_dtype, esize: int) -> tuple:
+def _loss_launch(p: LossProblem, t_dtype: torch.dtype | None, esize: int) -> tuple:
     """(launcher, n_out, n_part, n_split, f_chunk, d_chunk, finish, constexpr kwargs) for one problem."""
     target_u8 = t_dtype == torch.uint8
     bb, bf, tf, bd, td, n_split, f_chunk, d_chunk, n_prog, warps = loss_config(
@@ -550,7 +551,7 @@ def _loss_launch(p: LossProblem, x_dtype, t_dtype, m_dtype, esize: int) -> tuple
         TAIL_D=td,
         num_warps=warps,
     )
-    return fused_loss_kernel[(n_prog,)], n_out, n_part, n_split, f_chunk, d_chunk, finish, kw
+    return Launcher(fused_loss_kernel, (n_prog,), kw), n_out, n_part, n_split, f_chunk, d_chunk, finish
 
 
 def fused_loss(
@@ -574,8 +575,8 @@ def fused_loss(
     )  # fmt: skip
     launch = _LOSS_LAUNCH.get(key)
     if launch is None:
-        launch = _LOSS_LAUNCH[key] = _loss_launch(p, key[7], key[8], key[9], ref.element_size())
-    kernel, n_out, n_part, n_split, f_chunk, d_chunk, finish, kw = launch
+        launch = _LOSS_LAUNCH[key] = _loss_launch(p, key[8], ref.element_size())
+    kernel, n_out, n_part, n_split, f_chunk, d_chunk, finish = launch
 
     buf = torch.empty(n_out + n_part, device=device, dtype=p.acc)
     grad_x = p.need_grad and F > 0
@@ -609,7 +610,6 @@ def fused_loss(
             d_chunk,
             p.beta,
             p.grad_scale,
-            **kw,
         )
     if p.reduction == REDUCE_NONE:
         loss, recon, kl = buf[:n_out].view(3, B).unbind(0)
@@ -648,8 +648,8 @@ def scale_grads_(grad: Tensor, dlogits: Tensor, dmu: Tensor, dlogvar: Tensor) ->
             TAIL_D=td,
             num_warps=warps,
         )
-        launch = _SCALE_LAUNCH[key] = (scale_grads_kernel[(n_prog,)], n_split, f_chunk, d_chunk, kw)
-    kernel, n_split, f_chunk, d_chunk, kw = launch
+        launch = _SCALE_LAUNCH[key] = (Launcher(scale_grads_kernel, (n_prog,), kw), n_split, f_chunk, d_chunk)
+    kernel, n_split, f_chunk, d_chunk = launch
     kernel(
         grad,
         dlogits if F else ref,
@@ -662,5 +662,4 @@ def scale_grads_(grad: Tensor, dlogits: Tensor, dmu: Tensor, dlogvar: Tensor) ->
         n_split,
         f_chunk,
         d_chunk,
-        **kw,
     )

@@ -44,6 +44,25 @@ __all__ = ["fused_loss", "scale_grads_", "reparameterize", "reparameterize_backw
 # while a test's poison fixture has replaced np.empty (to fill host buffers) on NumPy's own.
 _np_empty = np.empty
 
+
+def _start_pool_keeping_torch_threads() -> None:
+    """Start Numba's threading layer now, and give torch back its thread count.
+
+    With the OpenMP layer, Numba's pool sets the process-wide OpenMP thread count when it starts, and
+    torch shares that libgomp: torch's matmuls would switch from the user's thread count to Numba's at
+    fastvae's first call, and so change their summation order mid-run (an exact resume, which starts
+    a fresh process, would then differ in the last bit).  Started here once, with the count restored.
+    """
+    threads = torch.get_num_threads()
+    from numba.np.ufunc import parallel
+
+    parallel._launch_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+_start_pool_keeping_torch_threads()
+
 _jit = numba.njit(cache=True, fastmath=False, nogil=True)
 _pjit = numba.njit(cache=True, fastmath=False, nogil=True, parallel=True)
 
@@ -228,73 +247,42 @@ def _exp_f64(v):
 # emits plain loads and stores, with no negative-index wraparound select that would turn them into
 # gathers and scatters.
 @_vjit
-def _bce_chunk_f32(x, t, dx, t_scale, grad_scale, need_grad):
+def _bce_chunk_f32(x, t, dx, t_scale, grad_scale):
+    """BCE of a chunk (float32 sum) and its gradient into ``dx``.  One loop whether or not the gradient
+    is wanted (without, ``dx`` is a scratch row): the vectorized sum then has one order, and the loss
+    is bit-identical with and without gradients."""
     acc = _F0
-    if need_grad:
-        for f in range(x.shape[0]):
-            loss, grad = _bce_terms_f32(x[f], np.float32(t[f]) * t_scale)
-            acc += loss
-            dx[f] = grad * grad_scale
-    else:
-        for f in range(x.shape[0]):
-            loss, grad = _bce_terms_f32(x[f], np.float32(t[f]) * t_scale)
-            acc += loss
+    for f in range(x.shape[0]):
+        loss, grad = _bce_terms_f32(x[f], np.float32(t[f]) * t_scale)
+        acc += loss
+        dx[f] = grad * grad_scale
     return acc
 
 
 @_vjit
-def _sse_chunk_f32(x, t, dx, t_scale, grad_scale, need_grad):
+def _sse_chunk_f32(x, t, dx, t_scale, grad_scale):
+    """Squared error of a chunk and its gradient into ``dx`` (one loop: see ``_bce_chunk_f32``)."""
     acc = _F0
     two_scale = _F2 * grad_scale
-    if need_grad:
-        for f in range(x.shape[0]):
-            diff = x[f] - np.float32(t[f]) * t_scale
-            acc += diff * diff
-            dx[f] = diff * two_scale
-    else:
-        for f in range(x.shape[0]):
-            diff = x[f] - np.float32(t[f]) * t_scale
-            acc += diff * diff
+    for f in range(x.shape[0]):
+        diff = x[f] - np.float32(t[f]) * t_scale
+        acc += diff * diff
+        dx[f] = diff * two_scale
     return acc
 
 
 @_vjit
-def _kl_row_f64(mu, lv, dmu, dlv, kl_scale, need_grad):
-    """-(1 + lv - mu^2 - e^lv) / 2 summed over a row in float64; d/dmu = mu, d/dlv = (e^lv - 1) / 2."""
+def _kl_row_f64(mu, lv, dmu, dlv, kl_scale):
+    """-(1 + lv - mu^2 - e^lv) / 2 summed over a row in float64; d/dmu = mu, d/dlv = (e^lv - 1) / 2 into
+    ``dmu``, ``dlv`` (scratch rows without gradients: one loop, so one summation order)."""
     acc = 0.0
-    if need_grad:
-        for d in range(mu.shape[0]):
-            m = np.float64(mu[d])
-            l = np.float64(lv[d])
-            var = _exp_f64(l)
-            acc += -0.5 * ((1.0 + l) - m * m - var)
-            dmu[d] = m * kl_scale
-            dlv[d] = 0.5 * (var - 1.0) * kl_scale
-    else:
-        for d in range(mu.shape[0]):
-            m = np.float64(mu[d])
-            l = np.float64(lv[d])
-            acc += -0.5 * ((1.0 + l) - m * m - _exp_f64(l))
-    return acc
-
-
-@_vjit
-def _kl_row_f64(mu, lv, dmu, dlv, kl_scale, need_grad):
-    """-(1 + lv - mu^2 - e^lv) / 2 summed over a row in float64; d/dmu = mu, d/dlv = (e^lv - 1) / 2."""
-    acc = 0.0
-    if need_grad:
-        for d in range(mu.shape[0]):
-            m = np.float64(mu[d])
-            l = np.float64(lv[d])
-            var = _exp_f64(l)
-            acc += -0.5 * ((1.0 + l) - m * m - var)
-            dmu[d] = m * kl_scale
-            dlv[d] = 0.5 * (var - 1.0) * kl_scale
-    else:
-        for d in range(mu.shape[0]):
-            m = np.float64(mu[d])
-            l = np.float64(lv[d])
-            acc += -0.5 * ((1.0 + l) - m * m - _exp_f64(l))
+    for d in range(mu.shape[0]):
+        m = np.float64(mu[d])
+        l = np.float64(lv[d])
+        var = _exp_f64(l)
+        acc += -0.5 * ((1.0 + l) - m * m - var)
+        dmu[d] = m * kl_scale
+        dlv[d] = 0.5 * (var - 1.0) * kl_scale
     return acc
 
 
@@ -309,20 +297,22 @@ def _loss_row_f32(
     acc = 0.0
     if recon != RECON_NONE:
         x0, t0, g0 = b * xs, b * ts, b * F
+        scratch = dx if need_grad else _np_empty(min(F, _CHUNK), np.float32)
         for f0 in range(0, F, _CHUNK):
             f1 = min(f0 + _CHUNK, F)
-            xc, tc, dc = x[x0 + f0 : x0 + f1], t[t0 + f0 : t0 + f1], dx[g0 + f0 : g0 + f1]
+            xc, tc = x[x0 + f0 : x0 + f1], t[t0 + f0 : t0 + f1]
+            dc = dx[g0 + f0 : g0 + f1] if need_grad else scratch[: f1 - f0]
             if recon == RECON_BCE:
-                acc += np.float64(_bce_chunk_f32(xc, tc, dc, tsc, gs, need_grad))
+                acc += np.float64(_bce_chunk_f32(xc, tc, dc, tsc, gs))
             else:
-                acc += np.float64(_sse_chunk_f32(xc, tc, dc, tsc, gs, need_grad))
+                acc += np.float64(_sse_chunk_f32(xc, tc, dc, tsc, gs))
     rows[0, b] = acc
     kl = 0.0
     if D:
         m0, l0, g0 = b * ms, b * ls, b * D
-        kl = _kl_row_f64(
-            mu[m0 : m0 + D], lv[l0 : l0 + D], dmu[g0 : g0 + D], dlv[g0 : g0 + D], kl_scale, need_grad
-        )
+        dm = dmu[g0 : g0 + D] if need_grad else _np_empty(D, dmu.dtype)
+        dl = dlv[g0 : g0 + D] if need_grad else _np_empty(D, dlv.dtype)
+        kl = _kl_row_f64(mu[m0 : m0 + D], lv[l0 : l0 + D], dm, dl, kl_scale)
     rows[1, b] = kl
 
 
@@ -831,8 +821,9 @@ def _key_words(bits):
 
 # Elements per parallel task (a multiple of the vector width): large enough to amortize a task.
 _SAMPLE_CHUNK = 4096
-# Philox + Box-Muller cost ~3 ns an element serially; from 2^15 draws (~0.1 ms) the halved time
-# outweighs waking Numba's OpenMP pool, whose spin afterwards slows the torch ops that follow.
+# A draw costs about what torch's own normal_ does per element (measured interleaved, one thread),
+# some 30x an elementwise op: from 2^15 draws the halved time outweighs waking Numba's OpenMP pool,
+# whose spin afterwards slows the torch ops that follow (see _PARALLEL_MIN_WORK).
 _PARALLEL_MIN_DRAWS = 1 << 15
 
 
@@ -1033,14 +1024,15 @@ def _key_args(key: Key) -> tuple[int, int]:
 
 
 # The eps memo.  The backward needs the eps its forward drew; drawing them again costs as much as
-# the forward (Philox + Box-Muller, ~3 ns an element), while keeping them costs one more store in
-# the forward and turns the backward into an elementwise pass (~0.3 ns an element): eager PyTorch
-# keeps its eps tensor for the same reason.  A forward of _MEMO_MIN.._MEMO_MAX draws keeps its eps,
-# with the key the kernel read, in a fresh buffer; the last _MEMO_SLOTS buffers are kept, found by
-# (dtype, offset, n).  The backward's kernel uses a buffer only if it holds the same key (compared
-# in the kernel: a tensor key is never read on the host), else it draws eps again, so results are
-# bit-identical either way (eps depends on key, offset and index only).  Buffers are never written
-# after they are listed, so threads may share them; at most _MEMO_SLOTS * _MEMO_MAX eps are held.
+# the forward (Philox + Box-Muller), while keeping them costs one more store in the forward and
+# turns the backward into an elementwise pass (about a fifth of the forward's time, measured
+# interleaved at 82k draws): eager PyTorch keeps its eps tensor for the same reason.  A forward of
+# _MEMO_MIN.._MEMO_MAX draws keeps its eps, with the key the kernel read, in a fresh buffer; the
+# last _MEMO_SLOTS buffers are kept, found by (dtype, offset, n).  The backward's kernel uses a
+# buffer only if it holds the same key (compared in the kernel: a tensor key is never read on the
+# host), else it draws eps again, so results are bit-identical either way (eps depends on key,
+# offset and index only).  Buffers are never written after they are listed, so threads may share
+# them; at most _MEMO_SLOTS * _MEMO_MAX eps are held.
 _MEMO_MIN = 1 << 11  # below this, drawing again costs less than the bookkeeping
 _MEMO_MAX = 1 << 20
 _MEMO_SLOTS = 4

@@ -16,15 +16,35 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _fix_triton36_interpreter_index() -> None:
-    """Let Triton 3.6's interpreter use a scalar kernel argument as an integer under NumPy >= 2.4.
+def _fma_f32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """fma(a, b, c) of float32 arrays, rounded once, as the hardware does.
 
-    The interpreter holds a scalar argument (``F`` in ``range(0, F, BLOCK_F)``) as a 1-element array
-    and converts it with ``int(data)``; NumPy 2.4 made ``int()`` of an array with ndim > 0 a TypeError
-    (deprecated since 1.25), so every kernel with a loop bounded by an argument failed.  Triton 3.9
-    converts with ``int(data.squeeze())``; this installs that same line before 3.9 (harmless where a
-    version already has it).  The interpreter only runs in tests (on GPUs Triton compiles), so the fix
-    lives here rather than as a NumPy pin that would hold back every user's NumPy.
+    The product of two float32 is exact in float64; TwoSum gives the exact error e of the float64 sum
+    s (s + e = a b + c); rounding s to odd (to its odd neighbour toward e when inexact and even) and
+    then to float32 rounds correctly, since round-to-odd at 53 bits makes a second rounding to 24 exact.
+    """
+    a, b, c = (np.asarray(v, dtype=np.float64) for v in np.broadcast_arrays(a, b, c))
+    prod = a * b
+    s = prod + c
+    bv = s - prod
+    e = (prod - (s - bv)) + (c - bv)
+    even = (np.ascontiguousarray(s).view(np.uint64) & 1) == 0
+    s = np.where((e != 0) & even, np.nextafter(s, np.where(e > 0, np.inf, -np.inf)), s)
+    return s.astype(np.float32)
+
+
+def _fix_triton36_interpreter() -> None:
+    """Make Triton 3.6's interpreter agree with Triton 3.9's (and the GPU) where the kernels need it.
+
+    1. A scalar argument (``F`` in ``range(0, F, BLOCK_F)``) is held as a 1-element array and made an
+       integer with ``int(data)``; NumPy 2.4 made ``int()`` of an array with ndim > 0 a TypeError
+       (deprecated since 1.25), so every kernel with a loop bounded by an argument failed.  Triton 3.9
+       converts with ``int(data.squeeze())``: the same line is installed here.
+    2. ``tl.fma`` on float32 was ``x * y + z``, rounded twice; the reparameterize kernel's Cody-Waite
+       reduction (``fma(j, -PIO2_HI, theta)`` exact) then drifted by thousands of ulp near the zeros of
+       cos.  Triton 3.9 rounds once, like the hardware: so does :func:`_fma_f32`.
+    Both apply before Triton 3.9 only.  The interpreter runs in tests alone (on GPUs Triton compiles),
+    so the fixes live here rather than as a NumPy pin that would hold back every user's NumPy.
     """
     try:
         import triton
@@ -33,7 +53,8 @@ def _fix_triton36_interpreter_index() -> None:
         return
     major, minor = (int(v) for v in triton.__version__.split(".")[:2])
     patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
-    if (major, minor) >= (3, 9) or patch_tensor is None:
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if (major, minor) >= (3, 9) or patch_tensor is None or builder is None:
         return
 
     def patched(tensor, scope) -> None:
@@ -42,9 +63,17 @@ def _fix_triton36_interpreter_index() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
     interpreter._patch_lang_tensor = patched
+    two_roundings = builder.create_fma
+
+    def create_fma(self, x, y, z):
+        if z.data.dtype != np.float32:
+            return two_roundings(self, x, y, z)
+        return interpreter.TensorHandle(_fma_f32(x.data, y.data, z.data), z.dtype.scalar)
+
+    builder.create_fma = create_fma
 
 
-_fix_triton36_interpreter_index()
+_fix_triton36_interpreter()
 
 # Every backend that can run in this process: on a CPU-only machine Triton runs interpreted.
 CPU_BACKENDS = ("triton", "numba", "torch")

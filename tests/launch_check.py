@@ -48,14 +48,18 @@ def main() -> int:
         return Recorder.calls[-1]
 
     def same(x, y):
-        """Equal launch arguments (the lazily built launch metadata compared by type)."""
+        """Equal launch arguments.  Launch metadata and hooks (positions 6-8) are equivalent when the hooks
+        are empty: JITFunction.run passes empty hook chains and metadata, the Launcher passes None."""
 
-        def eq(u, v):
-            if torch.is_tensor(u) or type(u).__name__ == "LazyDict":
-                return u is v or type(u) is type(v) and not torch.is_tensor(u)
-            return u == v
+        def empty(u):
+            return u is None or type(u).__name__ == "LazyDict" or getattr(u, "calls", None) == []
 
-        return len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y, strict=True))
+        def eq(i, u, v):
+            if 6 <= i <= 8:
+                return empty(u) and empty(v)
+            return u is v if torch.is_tensor(u) else u == v
+
+        return len(x) == len(y) and all(eq(i, u, v) for i, (u, v) in enumerate(zip(x, y, strict=True)))
 
     args = (a, lv, out, 5, 0, 4096)
     via_launcher(*args)  # first call: through JITFunction.run, which compiles

@@ -528,3 +528,21 @@ def test_fit_resume_flag_is_decided_under_the_lock(tmp_path):
     assert len(make().fit(x, 2, out=tmp_path, plots=False, resume=True)) == 2
     with pytest.raises(ValueError, match="resume must be None, True or False"):
         make().fit(x, 2, out=tmp_path, resume="yes")
+
+
+def test_ctrl_c_inside_torch_save_stays_a_keyboard_interrupt(tmp_path):
+    """torch.save's zip writer answers an interrupt mid-write with a RuntimeError ("unexpected pos"):
+    the writer re-raises the KeyboardInterrupt (so the CLI prints its one line) and leaves no file."""
+    from fastvae.checkpoint import atomic_write
+
+    def interrupted(f):
+        try:
+            f.write(b"partial")
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 623360 vs 623248")
+
+    target = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, interrupted, what="checkpoint")
+    assert list(tmp_path.iterdir()) == []
