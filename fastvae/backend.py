@@ -73,7 +73,8 @@ class LossProblem(NamedTuple):
 
 
 class Backend(Protocol):
-    """The four functions of a backend.  Tensors arrive validated, on one device.
+    """The four functions of a backend.  Tensors arrive validated, on one device, and that device is the
+    current one (``fastvae.ops`` makes it so): a backend launches on the current device's current stream.
 
     ``logits``/``target`` are ``[B, F]`` and ``mu``/``logvar`` ``[B, D]`` views whose features are
     contiguous (``stride(1) == 1``; rows may be strided), or None when the term is absent.  ``target``

@@ -391,7 +391,7 @@ class _FusedLoss(torch.autograd.Function):
 
 def _reparameterize_grad_eager(ctx, dz: Tensor) -> tuple[Tensor, Tensor | None]:
     logvar = ctx.saved_tensors[0]
-    key = ctx.key if ctx.key_tensor is None else ctx.saved_tensors[1]
+    key = ctx.key if ctx.key is not None else ctx.saved_tensors[1]
     if not ctx.needs_input_grad[1]:
         return dz, None
     if torch.is_grad_enabled():
@@ -413,11 +413,11 @@ class _Reparameterize(torch.autograd.Function):
         with _on(device):
             z = kernels.reparameterize(mu, logvar, key, offset)
         ctx.kernels, ctx.offset = kernels, offset
-        if isinstance(key, Tensor):
-            ctx.key, ctx.key_tensor = None, True
+        if isinstance(key, Tensor):  # a device key is saved like any tensor; an int seed is kept as is
+            ctx.key = None
             ctx.save_for_backward(logvar, key)
         else:
-            ctx.key, ctx.key_tensor = key, None
+            ctx.key = key
             ctx.save_for_backward(logvar)
         return z
 

@@ -565,9 +565,6 @@ def fused_loss(
     """
     ref = logits if p.F else mu
     device = ref.device
-    if ref.is_cuda and device.index != torch.cuda.current_device():  # launch on the tensors' GPU
-        with torch.cuda.device(device):
-            return fused_loss(p, logits, target, mu, logvar)
     B, F, D = p.B, p.F, p.D
     key = (
         B, F, D, p.recon, p.reduction, p.need_grad, p.acc,
@@ -626,10 +623,6 @@ def scale_grads_(grad: Tensor, dlogits: Tensor, dmu: Tensor, dlogvar: Tensor) ->
     ref = dlogits if F else dmu
     if F == 0 and D == 0:
         return
-    device = ref.device
-    if ref.is_cuda and device.index != torch.cuda.current_device():  # launch on the tensors' GPU
-        with torch.cuda.device(device):
-            return scale_grads_(grad, dlogits, dmu, dlogvar)
     B = ref.shape[0]
     key = (B, F, D, ref.dtype)
     launch = _SCALE_LAUNCH.get(key)

@@ -140,9 +140,6 @@ _LAUNCH: dict[tuple, tuple] = {}
 
 def _launch(a: Tensor, logvar: Tensor, key: Key, offset: int, backward: bool) -> Tensor:
     device = a.device
-    if a.is_cuda and device.index != torch.cuda.current_device():  # launch on the tensors' GPU
-        with torch.cuda.device(device):
-            return _launch(a, logvar, key, offset, backward)
     out = torch.empty(a.shape, device=device, dtype=a.dtype)
     n = a.numel()
     if n == 0:
