@@ -135,13 +135,11 @@ _loaded: dict[str, SimpleNamespace] = {}
 
 def _backend(device: torch.device) -> SimpleNamespace:
     name = backend_for(device)
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        _check_triton_on_cpu()
     kernels = _loaded.get(name)
     if kernels is None:
-        if name == "triton" and device.type == "cpu":
-            _check_triton_on_cpu()
         kernels = _loaded[name] = _load_backend(name)
-    elif name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        _check_triton_on_cpu()
     return kernels
 
 

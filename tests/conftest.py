@@ -97,6 +97,22 @@ def to_np(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.dtype == torch.uint8 else t.double().numpy()
 
 
+class NoHostRead(torch.Tensor):
+    """A key tensor whose value cannot be read on the host: what a CUDA-graph replay needs of a key."""
+
+    def _refuse(self, *args, **kwargs):
+        raise AssertionError("the key was read on the host")
+
+    item = tolist = __int__ = __index__ = __float__ = __bool__ = _refuse
+
+
+def device_only_key(value: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The 1-element int64 key tensor of the 64-bit ``value`` (as its two's-complement bits), unreadable
+    on the host."""
+    bits = value - 2**64 if value >= 2**63 else value
+    return torch.tensor([bits], dtype=torch.int64, device=device).as_subclass(NoHostRead)
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """Make every fresh torch/NumPy buffer NaN (floats) or 0xAB (integers), so unwritten outputs show."""

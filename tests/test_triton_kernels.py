@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, to_np
+from conftest import device_only_key, rel_err, to_np
 from fastvae.kernels import fused_loss as fl
 from fastvae.kernels import reparameterize as rp
 
@@ -283,22 +283,6 @@ def test_scale_grads_expanded_and_one(poison):
 # ----------------------------------------------------------------------------------------------
 
 
-class _DeviceOnlyKey(torch.Tensor):
-    """A key tensor whose value cannot be read on the host."""
-
-    def item(self):
-        raise AssertionError("the key was read on the host (item)")
-
-    def __int__(self):
-        raise AssertionError("the key was read on the host (__int__)")
-
-    def __index__(self):
-        raise AssertionError("the key was read on the host (__index__)")
-
-    def tolist(self):
-        raise AssertionError("the key was read on the host (tolist)")
-
-
 def _rep_inputs(shape, dtype=torch.float32, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g).to(dtype), (torch.randn(shape, generator=g) * 0.5).to(dtype)
@@ -320,7 +304,7 @@ def test_reparameterize(poison, shape, offset):
 def test_reparameterize_key_tensor_never_read_on_host(poison):
     mu, lv = _rep_inputs((5, 33))
     seed, offset = 2**40 + 17, 2**33 + 5  # both past 32 bits: the high words matter
-    key = torch.tensor([seed], dtype=torch.int64).as_subclass(_DeviceOnlyKey)
+    key = device_only_key(seed)
     z = rp.reparameterize(mu, lv, key, offset)
     assert torch.equal(z, rp.reparameterize(mu, lv, seed, offset))
     assert rel_err(z, reference.reparameterize(to_np(mu), to_np(lv), seed, offset)) < 1e-5
