@@ -9,7 +9,8 @@ a :class:`LossProblem` and plain arguments, so no backend repeats that prologue.
 
 Numbering shared by every backend (and the kernels' constexprs)::
 
-    recon:      RECON_NONE = 0 (KL only), RECON_BCE = 1, RECON_MSE = 2
+    recon:      RECON_NONE = 0 (KL only), RECON_BCE = 1, RECON_MSE = 2, RECON_GAUSSIAN = 3,
+                RECON_CB = 4 (continuous Bernoulli)
     reduction:  REDUCE_SUM = 0, REDUCE_MEAN = 1, REDUCE_NONE = 2
 
 Random numbers (the RNG contract, also in the README): ``eps[i] = randn(key, offset + i)`` for the
@@ -32,6 +33,8 @@ __all__ = [
     "RECON_NONE",
     "RECON_BCE",
     "RECON_MSE",
+    "RECON_GAUSSIAN",
+    "RECON_CB",
     "RECONS",
     "REDUCE_SUM",
     "REDUCE_MEAN",
@@ -42,8 +45,14 @@ __all__ = [
     "Backend",
 ]
 
-RECON_NONE, RECON_BCE, RECON_MSE = 0, 1, 2
-RECONS = {"none": RECON_NONE, "bce": RECON_BCE, "mse": RECON_MSE}
+RECON_NONE, RECON_BCE, RECON_MSE, RECON_GAUSSIAN, RECON_CB = 0, 1, 2, 3, 4
+RECONS = {
+    "none": RECON_NONE,
+    "bce": RECON_BCE,
+    "mse": RECON_MSE,
+    "gaussian": RECON_GAUSSIAN,
+    "continuous_bernoulli": RECON_CB,
+}
 REDUCE_SUM, REDUCE_MEAN, REDUCE_NONE = 0, 1, 2
 REDUCTIONS = {"sum": REDUCE_SUM, "mean": REDUCE_MEAN, "none": REDUCE_NONE}
 
@@ -58,7 +67,8 @@ class LossProblem(NamedTuple):
     ``D`` latent dims (0: no KL term).  ``grad_scale`` is d(reduced loss)/d(per-sample loss) for an
     incoming gradient of 1: ``1 / B`` for the mean, else 1.  ``beta`` weights the KL term.
     ``need_grad``: write d(loss)/d(logits, mu, logvar) during the forward.  ``acc`` is the dtype of
-    the losses (float32; float64 for float64 inputs).
+    the losses (float32; float64 for float64 inputs).  ``scale_grad`` (Gaussian only, with
+    ``need_grad``): also write d(loss)/d(log_scale) per element.
     """
 
     B: int
@@ -70,6 +80,7 @@ class LossProblem(NamedTuple):
     grad_scale: float
     need_grad: bool
     acc: torch.dtype
+    scale_grad: bool = False
 
 
 class Backend(Protocol):
@@ -88,8 +99,23 @@ class Backend(Protocol):
         target: Tensor | None,
         mu: Tensor | None,
         logvar: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``(loss, recon, kl, dlogits, dmu, dlogvar)``.
+        log_scale: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(loss, recon, kl, dlogits, dmu, dlogvar, dlog_scale)``.
+
+        Per element (``x`` logits, ``t`` target, ``s`` log_scale, ``sigma = exp(s)``)::
+
+            bce:                  softplus(x) - x t                      d/dx = sigmoid(x) - t
+            mse:                  (x - t)^2                              d/dx = 2 (x - t)
+            gaussian:             0.5 (x - t)^2 e^(-2s) + s + 0.5 log(2 pi)
+                                  d/dx = (x - t) e^(-2s),   d/ds = 1 - (x - t)^2 e^(-2s)
+            continuous_bernoulli: softplus(x) - x t - log C(x),  log C(x) = log(x / tanh(x / 2))
+                                  (log 2 at x = 0),  d/dx = sigmoid(x) - t - (1/x - 1/sinh(x))
+
+        ``log_scale`` is None unless ``p.recon == RECON_GAUSSIAN``; then a contiguous 1-D tensor in
+        ``p.acc`` with 1 element (one scale) or ``F`` (one per feature).  ``dlog_scale`` is ``[B, F]`` in
+        ``p.acc``, d(reduced loss)/d(s) per element (times ``p.grad_scale`` like the other gradients; the
+        caller sums it down to the scale's shape) when ``p.need_grad and p.scale_grad``, else empty.
 
         ``loss = recon + beta * kl`` with ``p.reduction`` applied to both terms, each in ``p.acc``:
         0-d for sum/mean (they may be views of one buffer), ``[B]`` for none.  The gradients are those

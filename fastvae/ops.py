@@ -34,7 +34,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastvae.backend import RECON_NONE, RECONS, REDUCE_MEAN, REDUCTIONS, Key, LossProblem
+from fastvae.backend import (
+    RECON_GAUSSIAN,
+    RECON_MSE,
+    RECON_NONE,
+    RECONS,
+    REDUCE_MEAN,
+    REDUCTIONS,
+    Key,
+    LossProblem,
+)
 
 __all__ = [
     "BACKENDS",
@@ -52,7 +61,8 @@ _FLOATS = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64
 _TARGETS = _FLOATS | {torch.uint8}
 _SEED_LIMIT = 2**63
 _KEY_LIMIT = 2**62  # keys drawn from torch's generator: [0, 2**62)
-_RECON_NAMES = ("bce", "mse")
+_RECON_NAMES = ("bce", "mse", "gaussian", "continuous_bernoulli")
+_BOUNDED = ("bce", "continuous_bernoulli")  # likelihoods of targets in [0, 1]
 
 # ----------------------------------------------------------------------------------------------
 # Backends
@@ -234,7 +244,13 @@ _reparameterize_op.register_autograd(_reparameterize_grad, setup_context=_repara
 
 
 def _problem(
-    logits: Tensor | None, mu: Tensor | None, beta: float, reduction: str, recon: str, need_grad: bool
+    logits: Tensor | None,
+    mu: Tensor | None,
+    beta: float,
+    reduction: str,
+    recon: str,
+    need_grad: bool,
+    scale_grad: bool = False,
 ) -> LossProblem:
     """Everything a backend needs besides the tensors, resolved once (the backends' shared prologue)."""
     ref = logits if logits is not None else mu
@@ -250,6 +266,7 @@ def _problem(
         grad_scale=1.0 / B if red == REDUCE_MEAN else 1.0,
         need_grad=need_grad,
         acc=torch.float64 if ref.dtype == torch.float64 else torch.float32,
+        scale_grad=scale_grad,
     )
 
 
@@ -259,15 +276,17 @@ def _fused_loss_op(
     target: Tensor | None,
     mu: Tensor | None,
     logvar: Tensor | None,
+    log_scale: Tensor | None,
     beta: float,
     reduction: str,
     recon: str,
     need_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    p = _problem(logits, mu, beta, reduction, recon, need_grad)
+    scale_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    p = _problem(logits, mu, beta, reduction, recon, need_grad, scale_grad)
     device = (logits if logits is not None else mu).device
     with _on(device):
-        out = _backend(device).fused_loss(p, logits, target, mu, logvar)
+        out = _backend(device).fused_loss(p, logits, target, mu, logvar, log_scale)
     # A backend may return loss/recon/kl as views of one buffer; a custom op's outputs may not alias.
     terms = out[:3]
     if len({t.untyped_storage().data_ptr() for t in terms}) < 3:
@@ -276,7 +295,7 @@ def _fused_loss_op(
 
 
 @_fused_loss_op.register_fake
-def _(logits, target, mu, logvar, beta, reduction, recon, need_grad):
+def _(logits, target, mu, logvar, log_scale, beta, reduction, recon, need_grad, scale_grad):
     ref = logits if logits is not None else mu
     acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
     shape = (ref.shape[0],) if reduction == "none" else ()
@@ -285,7 +304,10 @@ def _(logits, target, mu, logvar, beta, reduction, recon, need_grad):
     def grad(x: Tensor | None) -> Tensor:
         return x.new_empty(x.shape) if need_grad and x is not None else ref.new_empty(0)
 
-    return (*terms, grad(logits), grad(mu), grad(logvar))
+    dls = ref.new_empty(0, dtype=acc)
+    if need_grad and scale_grad and log_scale is not None:
+        dls = logits.new_empty(logits.shape, dtype=acc)
+    return (*terms, grad(logits), grad(mu), grad(logvar), dls)
 
 
 @torch.library.custom_op("fastvae::scale_grads_", mutates_args=("dlogits", "dmu", "dlogvar"))
@@ -306,13 +328,13 @@ def _fused_loss_setup(ctx, inputs, output) -> None:
     # The gradient buffers are plain attributes, not saved tensors: the first backward scales them in
     # place, which a saved tensor's version check would refuse.
     ctx.grads = output[3:]
-    ctx.save_for_backward(*inputs[:4])
-    ctx.problem = _problem(inputs[0], inputs[2], *inputs[4:7], True)
+    ctx.save_for_backward(*inputs[:5])
+    ctx.problem = _problem(inputs[0], inputs[2], *inputs[5:8], True, inputs[9])
     ctx.consumed = False
 
 
 def _fused_loss_grad(ctx, grad_loss: Tensor | None, *unused):
-    return _loss_backward(ctx, grad_loss) + (None,) * 4
+    return _loss_backward(ctx, grad_loss) + (None,) * 5
 
 
 _fused_loss_op.register_autograd(_fused_loss_grad, setup_context=_fused_loss_setup)
@@ -323,8 +345,11 @@ _fused_loss_op.register_autograd(_fused_loss_grad, setup_context=_fused_loss_set
 # ----------------------------------------------------------------------------------------------
 
 
-def _loss_backward(ctx, g: Tensor | None) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
-    """d(loss)/d(logits, target, mu, logvar) from the gradients the forward stored (for g = 1).
+_Grads = tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
+
+
+def _loss_backward(ctx, g: Tensor | None) -> _Grads:
+    """d(loss)/d(logits, target, mu, logvar, log_scale) from the gradients the forward stored (for g = 1).
 
     * first plain backward: multiply in place (no bytes move where g == 1; on the CPU, where reading
       g is free, not even a call);
@@ -332,52 +357,68 @@ def _loss_backward(ctx, g: Tensor | None) -> tuple[Tensor | None, None, Tensor |
       place, the latter from gradients recomputed with the saved inputs;
     * a backward that builds a graph (``create_graph=True``): the closed forms in differentiable torch
       operations, so that the second derivatives are right.
+
+    The target's gradient, when it requires one, follows from the same numbers: d/dt is ``-x`` per
+    element for BCE and the continuous Bernoulli (their log-normaliser does not depend on t) and
+    ``-d/dx`` for the squared error and the Gaussian.  d/d(log_scale) is summed over the batch here.
     """
     if g is None:
-        return None, None, None, None
-    logits, target, mu, logvar = ctx.saved_tensors
+        return None, None, None, None, None
+    logits, target, mu, logvar, log_scale = ctx.saved_tensors
     p = ctx.problem
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         from fastvae.kernels import composite
 
-        gx, gmu, glv = composite.loss_gradients(p, logits, target, mu, logvar, g)
-        return gx, None, gmu, glv
+        return composite.loss_gradients(p, logits, target, mu, logvar, g, log_scale)
     traced = torch.compiler.is_compiling() or type(g) is not Tensor
     kernels = getattr(ctx, "kernels", None) or _backend(g.device)  # the forward's backend
     second = ctx.consumed and not traced
     if second:  # a second backward: the first one handed the buffers over
         with _on(g.device):
-            dlogits, dmu, dlogvar = kernels.fused_loss(p, logits, target, mu, logvar)[3:]
+            grads = kernels.fused_loss(p, logits, target, mu, logvar, log_scale)[3:]
     else:
-        dlogits, dmu, dlogvar = ctx.grads
+        grads = ctx.grads
         ctx.grads = None  # hand the buffers over: a reference kept here makes autograd copy them into .grad
         ctx.consumed = True
+    dlogits, dmu, dlogvar, dls = grads
+    gg = g.reshape(-1, 1) if g.dim() == 1 else g
     if traced or second:
-        gg = g.reshape(-1, 1) if g.dim() == 1 else g
-        dlogits, dmu, dlogvar = ((t * gg).to(t.dtype) if t.numel() else t for t in (dlogits, dmu, dlogvar))
+        dlogits, dmu, dlogvar, dls = ((t * gg).to(t.dtype) if t.numel() else t for t in grads)
     elif not (g.device.type == "cpu" and g.dim() == 0 and g.item() == 1.0):
         with _on(g.device):
             kernels.scale_grads_(g.detach(), dlogits, dmu, dlogvar)
+            if dls.numel():
+                kernels.scale_grads_(g.detach(), dls, dls.new_empty(0), dls.new_empty(0))
+    dtarget = None
+    if target is not None and target.requires_grad:
+        if p.recon in (RECON_MSE, RECON_GAUSSIAN):
+            dtarget = (-dlogits).to(target.dtype)
+        else:
+            dtarget = (-(logits.to(p.acc) * (gg * p.grad_scale))).to(target.dtype)
+    dlog_scale = None
+    if log_scale is not None and log_scale.requires_grad and dls.numel():
+        dlog_scale = dls.sum(0) if log_scale.numel() > 1 else dls.sum().reshape(1)
     return (
-        dlogits if logits is not None else None,
-        None,
+        dlogits if logits is not None and logits.requires_grad else None,
+        dtarget,
         dmu if mu is not None else None,
         dlogvar if mu is not None else None,
+        dlog_scale,
     )
 
 
 class _FusedLoss(torch.autograd.Function):
-    """Eager ``fastvae::fused_loss``: (logits, target, mu, logvar) -> (loss, recon, kl)."""
+    """Eager ``fastvae::fused_loss``: (logits, target, mu, logvar, log_scale) -> (loss, recon, kl)."""
 
     @staticmethod
-    def forward(ctx, logits, target, mu, logvar, p: LossProblem, kernels, device):
+    def forward(ctx, logits, target, mu, logvar, log_scale, p: LossProblem, kernels, device):
         with _on(device):
-            loss, rec, kl, dlogits, dmu, dlogvar = kernels.fused_loss(p, logits, target, mu, logvar)
+            loss, rec, kl, *grads = kernels.fused_loss(p, logits, target, mu, logvar, log_scale)
         ctx.mark_non_differentiable(rec, kl)
         ctx.set_materialize_grads(False)
-        ctx.grads = (dlogits, dmu, dlogvar)
+        ctx.grads = grads
         ctx.kernels = kernels
-        ctx.save_for_backward(logits, target, mu, logvar)
+        ctx.save_for_backward(logits, target, mu, logvar, log_scale)
         ctx.problem = p._replace(need_grad=True)
         ctx.consumed = False
         return loss, rec, kl
@@ -477,8 +518,6 @@ def _check_pair(logits: Tensor, target: Tensor) -> None:
             f"target has {target[0].numel()} features per sample (shape {list(target.shape)}) but logits has "
             f"{logits[0].numel()} (shape {list(logits.shape)}); expected the same number of features"
         )
-    if target.requires_grad:
-        raise ValueError("target must not require grad: fastvae's losses treat the target as data")
 
 
 _RANGE_HINT = (
@@ -488,8 +527,8 @@ _RANGE_HINT = (
 )
 
 
-def _check_target_range(target: Tensor) -> None:
-    """Targets of a Bernoulli likelihood are probabilities: refuse values outside [0, 1] (and NaN)."""
+def _check_target_range(target: Tensor, recon: str = "bce") -> None:
+    """Targets of a (continuous) Bernoulli likelihood lie in [0, 1]: refuse values outside (and NaN)."""
     if target.dtype == torch.uint8 or target.numel() == 0 or target.device.type == "meta":
         return
     compiling = torch.compiler.is_compiling()
@@ -498,13 +537,13 @@ def _check_target_range(target: Tensor) -> None:
     lo, hi = torch.aminmax(target.detach())
     if compiling:
         # No host-side branch on data in a traced graph: a runtime assert (a RuntimeError) instead.
-        message = f"target must lie in [0, 1] for the BCE loss. {_RANGE_HINT}"
+        message = f"target must lie in [0, 1] for recon={recon!r}. {_RANGE_HINT}"
         torch._assert_async((lo >= 0) & (hi <= 1), message)
         return
     lo, hi = float(lo), float(hi)
     if not (0.0 <= lo and hi <= 1.0):  # also False for NaN
         raise ValueError(
-            f"target must lie in [0, 1] for the BCE reconstruction loss, got values in [{lo:.4g}, {hi:.4g}]. "
+            f"target must lie in [0, 1] for recon={recon!r}, got values in [{lo:.4g}, {hi:.4g}]. "
             + _RANGE_HINT
         )
 
@@ -523,14 +562,19 @@ def _resolve_validate(validate: bool | None, device: torch.device) -> bool:
     return device.type == "cpu" if validate is None else bool(validate)
 
 
-_BETA_HINT = "beta must be a finite number >= 0 (a float, or a 1-element tensor)"
+_BETA_HINT = "beta must be a finite number >= 0 (a float, or a 1-element floating-point tensor)"
 
 
 def _check_beta(beta: object) -> float | Tensor:
-    """A float, or a 1-element floating-point tensor (kept a tensor: it may require grad)."""
+    """A float, or a 1-element floating-point tensor (kept a tensor: it may require grad, and on CUDA it
+    is never read on the host; on the CPU its value is checked, which costs nothing there)."""
     if isinstance(beta, Tensor):
         if beta.numel() != 1 or not beta.is_floating_point():
             raise ValueError(f"{_BETA_HINT}; got a tensor of shape {list(beta.shape)} and dtype {beta.dtype}")
+        if beta.device.type == "cpu" and not torch.compiler.is_compiling() and not _functorch_active():
+            value = float(beta.detach())
+            if not (0.0 <= value < math.inf):
+                raise ValueError(f"{_BETA_HINT}; got {value}")
         return beta
     if isinstance(beta, bool) or not isinstance(beta, int | float):
         raise TypeError(f"{_BETA_HINT}; got {type(beta).__name__} {beta!r}")
@@ -540,11 +584,81 @@ def _check_beta(beta: object) -> float | Tensor:
     return beta
 
 
-def _beta_value(beta: Tensor) -> float:
-    value = float(beta.detach())  # (on CUDA a synchronisation: pass a float where speed matters)
-    if not (0.0 <= value < math.inf):
-        raise ValueError(f"{_BETA_HINT}; got {value}")
-    return value
+def _check_log_scale(log_scale: object, logits: Tensor, recon: str) -> Tensor | None:
+    """The Gaussian decoder's log standard deviation as the backends take it: a 1-D tensor of 1 element
+    (one scale) or F (one per feature, broadcast over the per-sample shape), in the loss's dtype.
+    The broadcast and the cast are differentiable, so the gradient reaches ``log_scale``'s own shape."""
+    if recon != "gaussian":
+        if log_scale is not None:
+            raise ValueError(f"log_scale is only used with recon='gaussian', got recon={recon!r}")
+        return None
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if log_scale is None:  # unit variance
+        return torch.zeros(1, dtype=acc, device=logits.device)
+    if isinstance(log_scale, int | float) and not isinstance(log_scale, bool):
+        if not math.isfinite(log_scale):
+            raise ValueError(f"log_scale must be finite, got {log_scale}")
+        return torch.full((1,), float(log_scale), dtype=acc, device=logits.device)
+    if not isinstance(log_scale, Tensor) or not log_scale.is_floating_point():
+        kind = f"dtype {log_scale.dtype}" if isinstance(log_scale, Tensor) else type(log_scale).__name__
+        raise TypeError(f"log_scale must be a float or a floating-point tensor, got {kind}")
+    if log_scale.device != logits.device:
+        _check_same_device({"logits": logits, "log_scale": log_scale})
+    per_sample = tuple(logits.shape[1:])
+    shape = tuple(log_scale.shape)
+    if len(shape) == logits.dim() and shape[0] == 1:
+        shape = shape[1:]  # a leading batch dimension of 1 is allowed
+    try:
+        fits = torch.broadcast_shapes(shape, per_sample) == torch.Size(per_sample)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"log_scale must be broadcastable to the per-sample shape {list(per_sample)} of logits "
+            f"(a scalar, per feature or per element; one scale for every sample), got shape "
+            f"{list(log_scale.shape)}"
+        )
+    if log_scale.numel() == 1:
+        return log_scale.reshape(1).to(acc)
+    return log_scale.reshape(shape).expand(per_sample).reshape(-1).to(acc).contiguous()
+
+
+def _prior_latent(
+    mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """KL(N(mu, e^lv) || N(pm, e^plv)) as the standard-normal KL of ``((mu - pm) e^(-plv/2), lv - plv)``.
+
+    Per dimension 0.5 (e^(lv - plv) + (mu - pm)^2 e^(-plv) - 1 - lv + plv) is exactly the N(0, 1) KL
+    0.5 (e^lv' + mu'^2 - 1 - lv') of the shifted and scaled latent, so the fused KL kernel computes it
+    and autograd carries its gradients through these two element-wise lines to all four tensors.
+    """
+    if prior_mu is None and prior_logvar is None:
+        return mu, logvar
+    if prior_mu is None or prior_logvar is None:
+        given, missing = (
+            ("prior_mu", "prior_logvar") if prior_mu is not None else ("prior_logvar", "prior_mu")
+        )
+        raise ValueError(
+            f"{given} was given without {missing}: pass both (a diagonal Gaussian prior) or neither"
+        )
+    for name, x in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            kind = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {kind}")
+        if x.device != mu.device:
+            _check_same_device({"mu": mu, name: x})
+        try:
+            fits = torch.broadcast_shapes(x.shape, mu.shape) == mu.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{name} must be broadcastable to the shape of mu {list(mu.shape)}, got {list(x.shape)}"
+            )
+    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    plv = prior_logvar.to(acc)
+    mu2 = (mu.to(acc) - prior_mu.to(acc)) * torch.exp(-0.5 * plv)
+    return mu2, logvar.to(acc) - plv
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,105 +723,129 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, seed: int | None = None, offse
     return _Reparameterize.apply(mu, logvar, key, offset, _backend(device), device)
 
 
-def _fused(logits, target, mu, logvar, beta, reduction, recon, validate) -> VAELossTerms:
-    """The shared body of the three loss functions (arguments already checked)."""
+def _fused(logits, target, mu, logvar, beta, reduction, recon, validate, log_scale=None) -> VAELossTerms:
+    """The shared body of the three loss functions (arguments checked; ``log_scale`` as the backends
+    take it, see :func:`_check_log_scale`)."""
     ref = logits if logits is not None else mu
     device = ref.device
-    if logits is not None and recon == "bce" and _resolve_validate(validate, device):
-        _check_target_range(target)
-    beta_t = beta if isinstance(beta, Tensor) else None
-    if beta_t is not None:
-        if torch.compiler.is_compiling() or _functorch_active():
-            return _composite_terms(logits, target, mu, logvar, beta, reduction, recon)
-        beta = _beta_value(beta_t)
+    if logits is not None and recon in _BOUNDED and _resolve_validate(validate, device):
+        _check_target_range(target, recon)
+    if isinstance(beta, Tensor):
+        # Never read on the host (no synchronisation, graph-capturable; it may require grad): the
+        # reconstruction and the KL are two launches and ``loss = recon + beta * kl`` is computed with
+        # tensor operations, so d(loss)/d(beta) = kl with its reduction, and higher derivatives follow.
+        r = k = None
+        if logits is not None:
+            r = _fused(logits, target, None, None, 1.0, reduction, recon, False, log_scale)
+        if mu is not None:
+            k = _fused(None, None, mu, logvar, 1.0, reduction, "none", False)
+        if r is None:
+            return VAELossTerms(beta.reshape(()).to(k.loss.dtype) * k.loss, torch.zeros_like(k.kl), k.kl)
+        if k is None:
+            return r
+        return VAELossTerms(r.loss + beta.reshape(()).to(k.loss.dtype) * k.loss, r.recon, k.kl)
     logits, target = (_rows(logits), _rows(target)) if logits is not None else (None, None)
     mu, logvar = (_rows(mu), _rows(logvar)) if mu is not None else (None, None)
-    need_grad = torch.is_grad_enabled() and (
-        (logits is not None and logits.requires_grad)
-        or (mu is not None and (mu.requires_grad or logvar.requires_grad))
+    need_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (logits, target, mu, logvar, log_scale)
     )
+    scale_grad = need_grad and log_scale is not None and log_scale.requires_grad
     if torch.compiler.is_compiling():
-        loss, rec, kl, *_ = _fused_loss_op(logits, target, mu, logvar, beta, reduction, recon, need_grad)
+        loss, rec, kl, *_ = _fused_loss_op(
+            logits, target, mu, logvar, log_scale, beta, reduction, recon, need_grad, scale_grad
+        )
     elif _functorch_active():
-        return _composite_terms(logits, target, mu, logvar, beta, reduction, recon)
+        from fastvae.kernels import composite
+
+        loss, rec, kl = composite.loss_terms(
+            logits, target, mu, logvar, beta, REDUCTIONS[reduction], RECONS[recon], log_scale
+        )
     else:
-        p = _problem(logits, mu, beta, reduction, recon, need_grad)
-        loss, rec, kl = _FusedLoss.apply(logits, target, mu, logvar, p, _backend(device), device)
-    if beta_t is not None and beta_t.requires_grad and mu is not None and torch.is_grad_enabled():
-        # d(loss)/d(beta) = KL.  (beta - beta.detach()) is exactly 0, so the value is unchanged; the KL
-        # factor is the differentiable op, so d2(loss)/d(beta)d(mu, logvar) is right too.
-        kl_diff = _fused(None, None, mu, logvar, 1.0, reduction, "none", False).loss
-        loss = loss + (beta_t - beta_t.detach()).to(loss.dtype) * kl_diff
-    return VAELossTerms(loss, rec.detach(), kl.detach())
-
-
-def _composite_terms(logits, target, mu, logvar, beta, reduction, recon) -> VAELossTerms:
-    from fastvae.kernels import composite
-
-    loss, rec, kl = composite.loss_terms(
-        _rows(logits) if logits is not None else None,
-        _rows(target) if target is not None else None,
-        _rows(mu) if mu is not None else None,
-        _rows(logvar) if logvar is not None else None,
-        beta,
-        REDUCTIONS[reduction],
-        RECONS[recon] if logits is not None else RECON_NONE,
-    )
+        p = _problem(logits, mu, beta, reduction, recon, need_grad, scale_grad)
+        loss, rec, kl = _FusedLoss.apply(logits, target, mu, logvar, log_scale, p, _backend(device), device)
     return VAELossTerms(loss, rec.detach(), kl.detach())
 
 
 def vae_loss(
     logits: Tensor,
     target: Tensor,
-    mu: Tensor,
-    logvar: Tensor,
+    mu: Tensor | None = None,
+    logvar: Tensor | None = None,
     *,
     beta: float | Tensor = 1.0,
     reduction: str = "sum",
     recon: str = "bce",
+    log_scale: float | Tensor | None = None,
+    prior_mu: Tensor | None = None,
+    prior_logvar: Tensor | None = None,
     return_terms: bool = False,
     validate: bool | None = None,
 ) -> Tensor | VAELossTerms:
-    """The negative ELBO in one kernel pass: ``recon(logits, target) + beta * KL(q(z|x) || N(0, I))``.
+    """The negative ELBO in one kernel pass: ``recon(logits, target) + beta * KL(q(z|x) || p(z))``.
 
-    Per sample, with ``x = logits`` (the decoder's output before any sigmoid) and ``t = target``::
+    Per sample, with ``x = logits`` (the decoder's output before any sigmoid), ``t = target`` and
+    ``s = log_scale``::
 
-        bce:  sum_f max(x, 0) - x t + log1p(exp(-|x|))      (= BCE(sigmoid(x), t), computed stably)
-        mse:  sum_f (x - t)^2                               (on the raw decoder output)
-        KL:   -0.5 * sum_d (1 + logvar - mu^2 - exp(logvar))
+        bce:                  sum_f max(x, 0) - x t + log1p(exp(-|x|))   (= BCE(sigmoid(x), t), stably)
+        mse:                  sum_f (x - t)^2                            (on the raw decoder output)
+        gaussian:             sum_f 0.5 ((x - t) / sigma)^2 + log sigma + 0.5 log(2 pi),  sigma = e^s
+        continuous_bernoulli: bce - sum_f log C(x),  log C(x) = log(x / tanh(x / 2))  (log 2 at x = 0;
+                              Loaiza-Ganem and Cunningham 2019: the normalised likelihood of t in [0, 1])
+        KL:                   -0.5 * sum_d (1 + logvar - mu^2 - exp(logvar))                 (p = N(0, I))
+                              0.5 * sum_d (e^(lv - plv) + (mu - pm)^2 e^(-plv) - 1 - lv + plv)
+                              (p = N(prior_mu, exp(prior_logvar)))
 
-    The gradients with respect to logits, mu and logvar are computed in the same pass; the backward
-    only multiplies them by the incoming gradient.
+    The gradients with respect to logits, mu and logvar (and log_scale) are computed in the same pass;
+    the backward only multiplies them by the incoming gradient.  A target that requires grad gets
+    ``-x`` (bce, continuous Bernoulli) or ``-d/dx`` (mse, gaussian) times the reduction's scale.
 
     Args:
         logits: ``[B, ...]`` decoder output, fp32/fp16/bf16/fp64.
-        target: the data, same batch and number of features as ``logits``: floats in [0, 1] for bce,
-            or uint8 pixels read as ``t / 255`` inside the kernel.
-        mu, logvar: ``[B, ...]`` encoder outputs of one shape.
+        target: the data, same batch and number of features as ``logits``: floats (in [0, 1] for bce
+            and the continuous Bernoulli), or uint8 pixels read as ``t / 255`` inside the kernel.
+        mu, logvar: ``[B, ...]`` encoder outputs of one shape, or both None: no KL term (a plain
+            reconstruction likelihood).
         beta: weight of the KL term (beta-VAE; KL warm-up): a float, or a 1-element tensor, which may
-            require grad (``d loss / d beta`` is the KL term, with its reduction).
+            require grad (``d loss / d beta`` is the KL term, with its reduction) and is never read on
+            the host on CUDA (graph-capturable; the KL is then a second, small launch).
         reduction: ``"sum"`` over batch and features (pytorch/examples), ``"mean"`` over the batch of
             per-sample sums (per-sample negative ELBO), ``"none"`` the per-sample vector ``[B]``.
-        recon: ``"bce"`` (Bernoulli decoder) or ``"mse"`` (sum of squared errors).
+        recon: ``"bce"`` (Bernoulli decoder), ``"mse"`` (sum of squared errors), ``"gaussian"``
+            (full Gaussian negative log-likelihood with ``log_scale``) or ``"continuous_bernoulli"``.
+        log_scale: ``recon="gaussian"`` only: ``log sigma``, a float or a tensor broadcastable to the
+            per-sample shape ``logits.shape[1:]`` (a scalar, per channel, per feature or per element;
+            learnable: it gets its gradient).  Default 0 (unit variance).
+        prior_mu, prior_logvar: a diagonal Gaussian prior (learned priors, hierarchical VAEs), both or
+            neither, broadcastable to ``mu``'s shape (e.g. one prior for the whole batch); gradients
+            reach all four latent tensors.
         return_terms: also return the detached reconstruction and KL terms.
-        validate: check that float targets lie in [0, 1] (bce).  Default: on CPU yes; on CUDA no,
-            since it synchronises the host (pass True to check there; the data loaders check once).
+        validate: check that float targets lie in [0, 1] (bce, continuous Bernoulli).  Default: on CPU
+            yes; on CUDA no, since it synchronises the host (pass True to check there).
     Returns:
         The loss (fp32; fp64 for fp64 inputs): a scalar, or ``[B]`` for ``reduction="none"``; or
         :class:`VAELossTerms` with ``return_terms=True``.
     """
     _check_pair(logits, target)
-    _check_latent(mu, logvar)
     device = logits.device
-    if target.device != device or mu.device != device or logvar.device != device:
-        _check_same_device({"logits": logits, "target": target, "mu": mu, "logvar": logvar})
-    if mu.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"mu has batch size {mu.shape[0]} but logits has {logits.shape[0]}; expected the same"
-        )
+    if target.device != device:
+        _check_same_device({"logits": logits, "target": target})
+    if (mu is None) != (logvar is None):
+        raise ValueError("mu and logvar must be given together (a KL term) or both be None (no KL term)")
+    if mu is not None:
+        _check_latent(mu, logvar)
+        if mu.device != device or logvar.device != device:
+            _check_same_device({"logits": logits, "mu": mu, "logvar": logvar})
+        if mu.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"mu has batch size {mu.shape[0]} but logits has {logits.shape[0]}; expected the same"
+            )
+        mu, logvar = _prior_latent(mu, logvar, prior_mu, prior_logvar)
+    elif prior_mu is not None or prior_logvar is not None:
+        raise ValueError("prior_mu and prior_logvar need mu and logvar (the KL term they define)")
     _check_choice(recon, "recon", _RECON_NAMES)
     _check_choice(reduction, "reduction", REDUCTIONS)
-    terms = _fused(logits, target, mu, logvar, _check_beta(beta), reduction, recon, validate)
+    log_scale = _check_log_scale(log_scale, logits, recon)
+    terms = _fused(logits, target, mu, logvar, _check_beta(beta), reduction, recon, validate, log_scale)
     return terms if return_terms else terms.loss
 
 
@@ -727,14 +865,24 @@ def bce_with_logits(
     return _fused(logits, target, None, None, 1.0, reduction, "bce", validate).loss
 
 
-def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "sum") -> Tensor:
+def kl_divergence(
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    reduction: str = "sum",
+    prior_mu: Tensor | None = None,
+    prior_logvar: Tensor | None = None,
+) -> Tensor:
     """``KL(N(mu, exp(logvar)) || N(0, I)) = -0.5 * sum_d (1 + logvar - mu^2 - exp(logvar))`` per sample.
 
-    Gradients ``mu`` and ``0.5 * (exp(logvar) - 1)`` are written in the same pass.  Reductions as in
-    :func:`vae_loss`.
+    With a diagonal Gaussian prior ``N(prior_mu, exp(prior_logvar))`` (both or neither, broadcastable
+    to ``mu``): ``0.5 * sum_d (e^(lv - plv) + (mu - pm)^2 e^(-plv) - 1 - lv + plv)``, with gradients to
+    all four.  Gradients ``mu`` and ``0.5 * (exp(logvar) - 1)`` (standard prior) are written in the same
+    pass.  Reductions as in :func:`vae_loss`.
     """
     _check_latent(mu, logvar)
     if mu.device != logvar.device:
         _check_same_device({"mu": mu, "logvar": logvar})
     _check_choice(reduction, "reduction", REDUCTIONS)
+    mu, logvar = _prior_latent(mu, logvar, prior_mu, prior_logvar)
     return _fused(None, None, mu, logvar, 1.0, reduction, "none", False).loss

@@ -34,7 +34,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastvae.backend import RECON_BCE, RECON_MSE, RECON_NONE, REDUCE_MEAN, REDUCE_NONE, Key, LossProblem
+from fastvae.backend import (
+    RECON_BCE,
+    RECON_MSE,
+    RECON_NONE,
+    RECONS,
+    REDUCE_MEAN,
+    REDUCE_NONE,
+    Key,
+    LossProblem,
+)
 
 __all__ = [
     "fused_loss",
@@ -492,17 +501,29 @@ def _torch_rows(name: str, t: Tensor, table: dict, index: int, alive: list) -> _
 
 
 def fused_loss(
-    p: LossProblem, logits: Tensor | None, target: Tensor | None, mu: Tensor | None, logvar: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, recon, kl, dlogits, dmu, dlogvar)`` of ``loss = recon + beta * kl`` (see
+    p: LossProblem,
+    logits: Tensor | None,
+    target: Tensor | None,
+    mu: Tensor | None,
+    logvar: Tensor | None,
+    log_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, recon, kl, dlogits, dmu, dlogvar, dlog_scale)`` of ``loss = recon + beta * kl`` (see
     :meth:`fastvae.backend.Backend.fused_loss`), in one row kernel plus, for sum / mean, one
-    single-block finalize kernel (fp64 partial sums in a fixed order).
+    single-block finalize kernel (fp64 partial sums in a fixed order).  BCE and MSE only: the CUDA C
+    kernels have no Gaussian or continuous-Bernoulli likelihood (``dlog_scale`` is always empty).
 
     ``recon_b = sum_f bce(x, t)`` or ``sum_f (x - t)^2``; ``kl_b = -0.5 sum_d (1 + lv - mu^2 - e^lv)``;
     gradients ``grad_scale * (sigmoid(x) - t)`` or ``grad_scale * 2 (x - t)``,
     ``grad_scale * beta * mu`` and ``grad_scale * beta * (e^lv - 1) / 2``, written in the same pass.
     The three terms are views of one float32 buffer.  Losses are float32 (fp32 math).
     """
+    if p.recon not in (RECON_NONE, RECON_BCE, RECON_MSE):
+        name = next(k for k, v in RECONS.items() if v == p.recon)
+        raise NotImplementedError(
+            f"recon={name!r} is not implemented in the cupy backend (bce and mse are); "
+            "use the triton backend (fastvae.use_backend('triton')) for it"
+        )
     B, F, D = p.B, p.F, p.D
     anchor = logits if logits is not None else mu
     index = _device_index("logits" if logits is not None else "mu", anchor)
@@ -541,9 +562,10 @@ def fused_loss(
             p.recon, p.reduction, p.beta, p.grad_scale, p.need_grad,
         )  # fmt: skip
     del alive
+    dls = terms.new_empty(0)
     if none:
-        return terms[2 * B :], terms[:B], terms[B : 2 * B], dlogits, dmu, dlogvar
-    return terms[2 * B], terms[2 * B + 1], terms[2 * B + 2], dlogits, dmu, dlogvar
+        return terms[2 * B :], terms[:B], terms[B : 2 * B], dlogits, dmu, dlogvar, dls
+    return terms[2 * B], terms[2 * B + 1], terms[2 * B + 2], dlogits, dmu, dlogvar, dls
 
 
 def _grad_rows(name: str, g: Tensor, index: int) -> tuple[int, int]:

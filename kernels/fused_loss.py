@@ -1,11 +1,19 @@
 """The VAE loss in one pass over the data: reconstruction + beta * KL, with its gradients, in one launch.
 
-Per sample b (features f, latent dims d), with x = logits, t = target, s = sigmoid:
+Per sample b (features f, latent dims d), with x = logits, t = target, sg = sigmoid, s = log_scale[f]
+(one s for every f, or one per feature) and w = exp(-2 s):
 
-    BCE(x, t)  = sum_f  max(x, 0) - x t + log1p(exp(-|x|))      d/dx = s(x) - t
+    BCE(x, t)  = sum_f  max(x, 0) - x t + log1p(exp(-|x|))      d/dx = sg(x) - t
     SSE(x, t)  = sum_f  (x - t)^2                                d/dx = 2 (x - t)
+    NLL(x, t)  = sum_f  (x - t)^2 w / 2 + s + log(2 pi) / 2      d/dx = (x - t) w,  d/ds = 1 - (x - t)^2 w
+    CB(x, t)   = sum_f  BCE_f(x, t) - log C(x),  log C(x) = log(x / tanh(x / 2)) (log 2 at x = 0)
+                                                                 d/dx = sg(x) - t - (1/x - 1/sinh(x))
     KL(mu, lv) = -1/2 sum_d (1 + lv - mu^2 - exp(lv))            d/dmu = mu,  d/dlv = (exp(lv) - 1) / 2
     loss_b     = recon_b + beta * KL_b
+
+NLL is the Gaussian decoder's negative log-likelihood with sigma = exp(s); CB the continuous Bernoulli
+(Loaiza-Ganem and Cunningham 2019) on logits, whose normalizer C(lambda) = 2 atanh(1 - 2 lambda) /
+(1 - 2 lambda) at lambda = sg(x) is x / tanh(x / 2).
 
 The loss is the last node of a VAE's graph, so its gradient is known during the forward: each program
 streams its rows (or its chunk of a row) once and writes d logits, d mu, d logvar (already scaled by
@@ -23,6 +31,9 @@ give bit-identical losses and gradients on every run.
 Bytes (B rows, F features, D latent; s = element size, s_t = 1 for uint8 targets, P programs):
     forward   reads logits, target, mu, logvar; writes dlogits, dmu, dlogvar
               = B F (2 s + s_t) + 4 B D s, plus 8 P partial bytes written and read once
+              Gaussian: + 4 L read from DRAM (L = 1 or F log-scales; per feature, every row of a tile
+              re-reads its columns' scales from L1) and + 4 B F written when d log_scale is asked
+              for (``p.scale_grad``); continuous Bernoulli: as BCE
     backward  0 when g == 1, else reads and writes each gradient once
 """
 
@@ -34,7 +45,7 @@ import triton.language as tl
 from fastvae.kernels.launch import Launcher
 from torch import Tensor
 
-from fastvae.backend import REDUCE_MEAN, REDUCE_NONE, LossProblem
+from fastvae.backend import RECON_GAUSSIAN, REDUCE_MEAN, REDUCE_NONE, LossProblem
 
 __all__ = ["fused_loss", "scale_grads_", "loss_config", "scale_config"]
 
@@ -112,10 +123,74 @@ def _bce_with_logits(x, t):
 
 
 @triton.jit
+def _cb_log_norm(x):
+    """log C(x) = log(x / tanh(x / 2)) and its derivative g(x) = 1/x - 1/sinh(x), for any x, no cancellation.
+
+    With a = |x| (log C is even, g odd), w = a^2, cosh a = 1 + w T(w) and sinh a = a (1 + w S(w)),
+    T = sum_n w^n / (2n + 2)!, S = sum_n w^n / (2n + 3)! (series of positive terms), and
+    tanh(a / 2) = (cosh a - 1) / sinh a:
+        small a:  log C = log((2 + w T) / (1 + w S)),     g = a S / (1 + w S)
+                  (= log 2 + x^2/12 - 7 x^4/1440 + 31 x^6/90720 - 127 x^8/4838400 + ...,
+                     x/6 - 7 x^3/360 + 31 x^5/15120 - 127 x^7/604800 + ...)
+        large a:  e = exp(-a) <= exp(-cut):  log C = log(a (1 + e) / (1 - e)),
+                  g = 1/a - 2e / (1 - e^2) = (1 - e^2 - 2 a e) / (a (1 - e^2))
+    Both branches share one reciprocal and one log: r = 1 / (1 + w S) or 1 / (x (1 - e^2)), whose sign
+    makes g odd without a select (g = x S r or (1 - e^2 - 2ae) r) and cancels in the large log C
+    argument a (1 + e) x (1 + e) r.
+    float32: cut 2, T and S to w^5 (truncation below 5e-8 relative at a = 2); the large branch loses
+    at most ~4x of e's rounding to cancellation in g at the cut (1 - e^2 - 2ae = 0.44 at a = 2).
+    float64: cut 1, T and S to w^7 (truncation 8e-17).  e = exp(-|x|) is BCE's (the compiler keeps one
+    MUFU.EX2).  Against mpmath on both sides of the cut (tests/test_triton_kernels.py), with float32
+    rounding and exact exp / log / division (the interpreter): below 2.4e-7 relative for both.
+    """
+    a = tl.abs(x)
+    if x.dtype == tl.float64:
+        e = tl.exp(-a)
+        small = a < 1.0
+        w = tl.minimum(a * a, 1.0)  # the series only matter below the cut: no overflow past it
+        t_ = 1.0 / 20922789888000.0
+        t_ = t_ * w + 1.0 / 87178291200.0
+        t_ = t_ * w + 1.0 / 479001600.0
+        t_ = t_ * w + 1.0 / 3628800.0
+        s_ = 1.0 / 355687428096000.0
+        s_ = s_ * w + 1.0 / 1307674368000.0
+        s_ = s_ * w + 1.0 / 6227020800.0
+        s_ = s_ * w + 1.0 / 39916800.0
+    else:
+        e = _exp_fast(-a)
+        small = a < 2.0
+        w = tl.minimum(a * a, 4.0)
+        t_ = 1.0 / 479001600.0 * w + 1.0 / 3628800.0
+        s_ = 1.0 / 6227020800.0 * w + 1.0 / 39916800.0
+    t_ = t_ * w + 1.0 / 40320.0
+    t_ = t_ * w + 1.0 / 720.0
+    t_ = t_ * w + 1.0 / 24.0
+    t_ = t_ * w + 0.5  # (cosh a - 1) / a^2
+    s_ = s_ * w + 1.0 / 362880.0
+    s_ = s_ * w + 1.0 / 5040.0
+    s_ = s_ * w + 1.0 / 120.0
+    s_ = s_ * w + 1.0 / 6.0  # (sinh a / a - 1) / a^2
+    one_m_e2 = 1.0 - e * e
+    r = 1.0 / tl.where(small, w * s_ + 1.0, x * one_m_e2)
+    log_c = tl.log(tl.where(small, w * t_ + 2.0, a + a * e) * (tl.where(small, 1.0, x + x * e) * r))
+    g = tl.where(small, x * s_, one_m_e2 - 2.0 * a * e) * r
+    return log_c, g
+
+
+@triton.jit
+def _gauss_coefs(s, grad_scale):
+    """(w / 2, w grad_scale, s + log(2 pi) / 2) of log-scale(s) s, w = exp(-2 s)."""
+    w = _exp(-2.0 * s)
+    return 0.5 * w, w * grad_scale, s + 0.9189385332046727
+
+
+@triton.jit
 def _recon_tile(
     x_ptr,
     t_ptr,
     dx_ptr,
+    ls_ptr,
+    dls_ptr,
     rows,
     row_mask,
     cols,
@@ -123,13 +198,18 @@ def _recon_tile(
     stride_x,
     stride_t,
     grad_scale,
+    s_one,
     RECON: tl.constexpr,
     TARGET_U8: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    SCALE_PER_F: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
     COMPUTE: tl.constexpr,
     MASK_COLS: tl.constexpr,
 ):
-    """Loss of one [rows, cols] tile (masked elements give 0 only when MASK_COLS); stores d logits."""
+    """Loss of one [rows, cols] tile (masked elements give 0 only when MASK_COLS); stores d logits (and,
+    Gaussian with SCALE_GRAD, d log_scale).  Gaussian: ``s_one`` is the program's one log-scale, or with
+    SCALE_PER_F the tile's log-scales are loaded here, one per column."""
     if MASK_COLS:
         mask = row_mask[:, None] & (cols < F)[None, :]
     else:
@@ -140,16 +220,44 @@ def _recon_tile(
         t = t * (1.0 / 255.0)  # pixels read as t / 255: the data set stays uint8 in memory
     if RECON == 1:
         loss, grad = _bce_with_logits(x, t)
-    else:
+    elif RECON == 2:
         diff = x - t
         loss = diff * diff
         grad = 2.0 * diff
+    elif RECON == 3:
+        if SCALE_PER_F:
+            # s[f] loaded in the tile's own layout (row stride 0: each thread reads the scales of its
+            # own columns, L1 hits after the first row) and exp(-2 s) taken per element: a thread
+            # holds one row of a tile, so a [BLOCK_F] vector would save no exp and would cost a layout
+            # conversion through shared memory (2 BAR.SYNC a tile; 24.7 against 23.1 SASS instructions
+            # an element at sm_90, F = 784).
+            s_ptrs = ls_ptr + (rows[:, None] * 0 + cols[None, :])
+            s = tl.load(s_ptrs, mask=mask, other=0.0).to(COMPUTE)
+            half_w, w_g, c = _gauss_coefs(s, grad_scale)
+        else:
+            half_w, w_g, c = _gauss_coefs(s_one, grad_scale)  # loop-invariant: hoisted by the compiler
+        diff = x - t
+        sq = diff * diff
+        loss = sq * half_w + c
+        grad = diff * w_g  # already times grad_scale: (x - t) w g
+        if NEED_GRAD and SCALE_GRAD:
+            # d/ds = 1 - (x - t)^2 w, times grad_scale: g - (x - t)^2 (w g)
+            tl.store(
+                dls_ptr + rows[:, None] * F + cols[None, :],
+                (grad_scale - sq * w_g).to(dls_ptr.dtype.element_ty),
+                mask=mask,
+            )
+    else:
+        loss, grad = _bce_with_logits(x, t)
+        log_c, dlog_c = _cb_log_norm(x)
+        loss = loss - log_c
+        grad = grad - dlog_c
     if NEED_GRAD:
-        tl.store(
-            dx_ptr + rows[:, None] * F + cols[None, :],
-            (grad * grad_scale).to(dx_ptr.dtype.element_ty),
-            mask=mask,
-        )
+        if RECON == 3:
+            dx = grad
+        else:
+            dx = grad * grad_scale
+        tl.store(dx_ptr + rows[:, None] * F + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if MASK_COLS:
         loss = tl.where(mask, loss, 0.0)
     return loss
@@ -219,10 +327,14 @@ def fused_loss_kernel(
     d_chunk,
     beta: tl.float64,  # float64 arguments: exact for float64 inputs (gradcheck), rounded once for float32
     grad_scale: tl.float64,
+    ls_ptr,  # Gaussian only (after the others, so the other modes' parameters keep their offsets)
+    dls_ptr,
     RECON: tl.constexpr,
     HAS_KL: tl.constexpr,
     TARGET_U8: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    SCALE_PER_F: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
     REDUCTION: tl.constexpr,
     FINISH: tl.constexpr,
     COMPUTE: tl.constexpr,
@@ -241,10 +353,17 @@ def fused_loss_kernel(
     whole result and writes out_ptr itself.  FINISH = 1: it writes its partials to part_ptr
     (sum / mean: recon at [p], KL at [P + p]; none: per row at [c B + row] and [(n_split + c) B + row])
     and the program drawing the last ticket sums them in index order.
+
+    Gaussian (RECON = 3): ls_ptr holds F log-scales (SCALE_PER_F) or one, loaded here once; dls_ptr is
+    the [B, F] d log_scale, written when SCALE_GRAD (and NEED_GRAD).
     """
     kl_grad_scale = tl.full([], beta * grad_scale, COMPUTE)
     beta = tl.full([], beta, COMPUTE)
     grad_scale = tl.full([], grad_scale, COMPUTE)
+    if RECON == 3 and not SCALE_PER_F:
+        s_one = tl.load(ls_ptr).to(COMPUTE)  # the one log-scale: a scalar, once a program
+    else:
+        s_one = 0.0  # unused: per-feature log-scales come with each tile, other recons have none
     pid = tl.program_id(0)
     rb = pid // n_split
     chunk = pid % n_split
@@ -260,15 +379,17 @@ def fused_loss_kernel(
         acc = tl.zeros([BLOCK_B, BLOCK_F], COMPUTE)
         for f0 in range(f_lo, f_full, BLOCK_F):
             acc += _recon_tile(
-                x_ptr, t_ptr, dx_ptr, rows, row_mask, f0 + tl.arange(0, BLOCK_F), F, stride_x, stride_t,
-                grad_scale, RECON, TARGET_U8, NEED_GRAD, COMPUTE, False,
+                x_ptr, t_ptr, dx_ptr, ls_ptr, dls_ptr, rows, row_mask, f0 + tl.arange(0, BLOCK_F), F,
+                stride_x, stride_t, grad_scale, s_one, RECON, TARGET_U8, NEED_GRAD, SCALE_PER_F,
+                SCALE_GRAD, COMPUTE, False,
             )  # fmt: skip
         recon = tl.sum(acc, axis=1)
         if TAIL_F > 0:
             if f_full < f_hi:
                 tail = _recon_tile(
-                    x_ptr, t_ptr, dx_ptr, rows, row_mask, f_full + tl.arange(0, TAIL_F), F, stride_x,
-                    stride_t, grad_scale, RECON, TARGET_U8, NEED_GRAD, COMPUTE, True,
+                    x_ptr, t_ptr, dx_ptr, ls_ptr, dls_ptr, rows, row_mask, f_full + tl.arange(0, TAIL_F), F,
+                    stride_x, stride_t, grad_scale, s_one, RECON, TARGET_U8, NEED_GRAD, SCALE_PER_F,
+                    SCALE_GRAD, COMPUTE, True,
                 )  # fmt: skip
                 recon += tl.sum(tail, axis=1)
 
@@ -526,8 +647,9 @@ def _ticket(device: torch.device) -> Tensor:
     return ticket
 
 
-def _loss_launch(p: LossProblem, t_dtype: torch.dtype | None, esize: int) -> tuple:
-    """(launcher, n_out, n_part, n_split, f_chunk, d_chunk, finish, constexpr kwargs) for one problem."""
+def _loss_launch(p: LossProblem, t_dtype: torch.dtype | None, esize: int, scale_per_f: bool) -> tuple:
+    """(launcher, n_out, n_part, n_split, f_chunk, d_chunk, finish) for one problem; ``scale_per_f``:
+    a Gaussian with one log-scale per feature."""
     target_u8 = t_dtype == torch.uint8
     bb, bf, tf, bd, td, n_split, f_chunk, d_chunk, n_prog, warps = loss_config(
         p.B, p.F, p.D, esize, target_u8
@@ -541,6 +663,8 @@ def _loss_launch(p: LossProblem, t_dtype: torch.dtype | None, esize: int) -> tup
         HAS_KL=p.D > 0,
         TARGET_U8=target_u8,
         NEED_GRAD=p.need_grad,
+        SCALE_PER_F=scale_per_f,
+        SCALE_GRAD=p.recon == RECON_GAUSSIAN and p.need_grad and p.scale_grad,
         REDUCTION=p.reduction,
         FINISH=int(finish),
         COMPUTE=_COMPUTE.get(p.acc, tl.float32),
@@ -555,24 +679,48 @@ def _loss_launch(p: LossProblem, t_dtype: torch.dtype | None, esize: int) -> tup
 
 
 def fused_loss(
-    p: LossProblem, logits: Tensor | None, target: Tensor | None, mu: Tensor | None, logvar: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, recon, kl, dlogits, dmu, dlogvar)`` of ``loss_b = recon_b + beta * KL_b`` (see the module
-    docstring), reduced per ``p.reduction``; the contract of ``fastvae.backend.Backend.fused_loss``.
+    p: LossProblem,
+    logits: Tensor | None,
+    target: Tensor | None,
+    mu: Tensor | None,
+    logvar: Tensor | None,
+    log_scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, recon, kl, dlogits, dmu, dlogvar, dlog_scale)`` of ``loss_b = recon_b + beta * KL_b``
+    (see the module docstring), reduced per ``p.reduction``; the contract of
+    ``fastvae.backend.Backend.fused_loss``.
 
     loss / recon / kl are views of one ``p.acc`` buffer (0-d, or ``[B]`` for none); gradients are new
     contiguous tensors, or distinct empty tensors where the term is absent or ``not p.need_grad``.
+    ``log_scale`` (Gaussian only): contiguous, ``p.acc``, 1 or F elements; ``dlog_scale`` is the
+    ``[B, F]`` ``p.acc`` tensor of ``grad_scale (1 - (x - t)^2 exp(-2 s))`` when ``p.need_grad and
+    p.scale_grad``, else empty.
     """
     ref = logits if p.F else mu
     device = ref.device
     B, F, D = p.B, p.F, p.D
+    gauss = p.recon == RECON_GAUSSIAN
+    if gauss and (
+        log_scale is None
+        or log_scale.numel() not in (1, F)
+        or log_scale.dtype != p.acc
+        or not log_scale.is_contiguous()
+    ):
+        got = None if log_scale is None else (tuple(log_scale.shape), log_scale.dtype)
+        raise ValueError(
+            f"log_scale: expected a contiguous {p.acc} tensor of 1 or F = {F} elements, got {got}"
+        )
+    if not gauss and log_scale is not None:
+        raise ValueError(f"log_scale: expected None for recon {p.recon} (only Gaussian has a scale)")
+    scale_per_f = gauss and log_scale.numel() > 1
     key = (
         B, F, D, p.recon, p.reduction, p.need_grad, p.acc,
         logits.dtype if F else None, target.dtype if F else None, mu.dtype if D else None,
+        scale_per_f, gauss and p.scale_grad,
     )  # fmt: skip
     launch = _LOSS_LAUNCH.get(key)
     if launch is None:
-        launch = _LOSS_LAUNCH[key] = _loss_launch(p, key[8], ref.element_size())
+        launch = _LOSS_LAUNCH[key] = _loss_launch(p, key[8], ref.element_size(), scale_per_f)
     kernel, n_out, n_part, n_split, f_chunk, d_chunk, finish = launch
 
     buf = torch.empty(n_out + n_part, device=device, dtype=p.acc)
@@ -581,6 +729,8 @@ def fused_loss(
     dlogits = torch.empty((B, F), device=device, dtype=logits.dtype) if grad_x else ref.new_empty(0)
     dmu = torch.empty((B, D), device=device, dtype=mu.dtype) if grad_kl else ref.new_empty(0)
     dlogvar = torch.empty((B, D), device=device, dtype=logvar.dtype) if grad_kl else ref.new_empty(0)
+    grad_s = gauss and p.need_grad and p.scale_grad
+    dlog_scale = torch.empty((B, F), device=device, dtype=p.acc) if grad_s else ref.new_empty(0, dtype=p.acc)
     if B == 0:
         buf.fill_(float("nan") if p.reduction == REDUCE_MEAN else 0.0)  # the mean of nothing is 0 / 0
     else:
@@ -607,12 +757,14 @@ def fused_loss(
             d_chunk,
             p.beta,
             p.grad_scale,
+            log_scale if gauss else buf,
+            dlog_scale if grad_s else buf,
         )
     if p.reduction == REDUCE_NONE:
         loss, recon, kl = buf[:n_out].view(3, B).unbind(0)
     else:
         loss, recon, kl = buf[:3].unbind(0)
-    return loss, recon, kl, dlogits, dmu, dlogvar
+    return loss, recon, kl, dlogits, dmu, dlogvar, dlog_scale
 
 
 def scale_grads_(grad: Tensor, dlogits: Tensor, dmu: Tensor, dlogvar: Tensor) -> None:

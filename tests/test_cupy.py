@@ -192,7 +192,7 @@ def test_backend_fused_loss_host_side(launches, reduction):
     logits, target = wide[:, 2 : 2 + F], torch.randint(0, 256, (B, F), dtype=torch.uint8)
     lat = torch.randn(B, 2 * D, dtype=torch.float16)
     mu, logvar = lat[:, :D], lat[:, D:]
-    loss, rec, kl, dx, dmu, dlv = cl.fused_loss(
+    loss, rec, kl, dx, dmu, dlv, _ = cl.fused_loss(
         _problem(B, F, D, "mse", reduction), logits, target, mu, logvar
     )
     ((name, args),) = [c for c in launches if c[0] != "device"]
@@ -833,7 +833,7 @@ def test_backend_fused_loss(poison, tdtype, reduction):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # the backend must launch on torch's current stream
-        loss, rec, kl, dx, dmu, dlv = cl.fused_loss(p, tl, tt, lat[:, :D], lat[:, D:])
+        loss, rec, kl, dx, dmu, dlv, _ = cl.fused_loss(p, tl, tt, lat[:, :D], lat[:, D:])
     stream.synchronize()
     r_loss, r_rec, r_kl, (r_dx, r_dmu, r_dlv) = _reference(n_l, n_t, n_m, n_v, 0.5, reduction, "bce")
     _assert_close("loss", loss, r_loss, 1e-5)

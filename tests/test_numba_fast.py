@@ -50,7 +50,8 @@ def run(x, t, mu, lv, beta=1.0, reduction="sum", recon="bce", need_grad=True):
     out = numba_cpu.fused_loss(problem(x, mu, beta, reduction, recon, need_grad), x, t, mu, lv)
     loss, rec, kl = out[:3]
     assert rel_err(loss, to_np(rec) + beta * to_np(kl)) < 1e-6
-    return (loss, *out[3:])
+    assert out[6].numel() == 0  # no log_scale gradient outside the Gaussian
+    return (loss, *out[3:6])
 
 
 def make_inputs(g, B, F, dtype, target, scale=3.0):
@@ -107,13 +108,13 @@ def test_single_terms(poison, dtype, reduction):
     wide = torch.randn(127, 3 * LATENT, generator=g, dtype=dtype)
     for m, v in ((mu, lv), (wide[:, :LATENT], wide[:, 2 * LATENT :])):
         p = problem(None, m, 0.7, reduction)
-        loss, rec, kl, dx, dmu, dlv = numba_cpu.fused_loss(p, None, None, m, v)
+        loss, rec, kl, dx, dmu, dlv, _ = numba_cpu.fused_loss(p, None, None, m, v)
         want = 0.7 * np.asarray(ref.kl_divergence(to_np(m), to_np(v), reduction))
         want_dmu, want_dlv = ref.kl_divergence_backward(to_np(m), to_np(v), reduction, grad)
         assert rel_err(loss, want) < TOL[dtype] and not rec.any() and dx.numel() == 0
         assert rel_err(dmu, 0.7 * want_dmu) < TOL[dtype] and rel_err(dlv, 0.7 * want_dlv) < TOL[dtype]
     for recon in ("bce", "mse"):
-        loss, rec, kl, dx, dmu, dlv = numba_cpu.fused_loss(
+        loss, rec, kl, dx, dmu, dlv, _ = numba_cpu.fused_loss(
             problem(x, None, 1.0, reduction, recon), x, t, None, None
         )
         fwd, bwd = (
@@ -148,7 +149,7 @@ def test_extreme_logits_and_logvar(poison, dtype):
 
     # Element by element (one feature per row), the famous cases are exact.
     xs, ts = x.reshape(-1, 1), t.reshape(-1, 1)
-    per_row, _, _, dx, _, _ = numba_cpu.fused_loss(problem(xs, None, reduction="none"), xs, ts, None, None)
+    per_row, _, _, dx, _, _, _ = numba_cpu.fused_loss(problem(xs, None, reduction="none"), xs, ts, None, None)
     assert 0.0 <= per_row[0] < 1e-40 and dx[0, 0] == 0.0  # x = 100, t = 1
     assert per_row[1] == 100.0 and dx[1, 0] == -1.0  # x = -100, t = 1
     assert per_row[2] == 100.0 and dx[2, 0] == 1.0  # x = 100, t = 0
@@ -163,7 +164,9 @@ def test_logit_sweep_elementwise():
     x = torch.linspace(-110.0, 110.0, 44001).reshape(-1, 1)
     for tv in (0.0, 0.25, 1.0):
         t = torch.full_like(x, tv)
-        per_row, _, _, dx, _, _ = numba_cpu.fused_loss(problem(x, None, reduction="none"), x, t, None, None)
+        per_row, _, _, dx, _, _, _ = numba_cpu.fused_loss(
+            problem(x, None, reduction="none"), x, t, None, None
+        )
         want = ref.bce_with_logits(to_np(x), to_np(t), "none")
         want_grad = ref.bce_with_logits_backward(to_np(x), to_np(t), "sum")
         np.testing.assert_allclose(to_np(per_row), want, rtol=1e-6, atol=1e-42)
@@ -245,7 +248,7 @@ def test_scale_grads(dtype):
 
 def test_nan_propagates():
     x = torch.tensor([[float("nan"), 1.0], [0.5, 1.0]])
-    loss, _, _, dx, _, _ = numba_cpu.fused_loss(
+    loss, _, _, dx, _, _, _ = numba_cpu.fused_loss(
         problem(x, None, reduction="none"), x, torch.full((2, 2), 0.5), None, None
     )
     assert torch.isnan(loss[0]) and torch.isfinite(loss[1])

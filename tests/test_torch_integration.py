@@ -25,15 +25,22 @@ def _loss_args(B=6, F=10, D=3, *, dtype=torch.float32, grad=True):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-@pytest.mark.parametrize("recon", ["bce", "mse"])
+@pytest.mark.parametrize("recon", ["bce", "mse", "gaussian", "continuous_bernoulli"])
 def test_opcheck_fused_loss(backend, reduction, recon):
     x, t, mu, lv = _loss_args()
-    torch.library.opcheck(_fused_loss_op, (x, t, mu, lv, 0.5, reduction, recon, True))
+    ls = None
+    if recon == "gaussian":  # one scale per feature, learnable
+        ls = torch.linspace(-1.0, 0.5, x.shape[1], device=DEVICE).requires_grad_()
+    t2 = t.clone().requires_grad_()  # a target with a gradient
+    torch.library.opcheck(_fused_loss_op, (x, t2, mu, lv, ls, 0.5, reduction, recon, True, ls is not None))
     torch.library.opcheck(
-        _fused_loss_op, (x.detach(), t, mu.detach(), lv.detach(), 0.5, reduction, recon, False)
+        _fused_loss_op, (x.detach(), t, mu.detach(), lv.detach(), ls, 0.5, reduction, recon, False, False)
     )
-    torch.library.opcheck(_fused_loss_op, (x, t, None, None, 1.0, reduction, recon, True))
-    torch.library.opcheck(_fused_loss_op, (None, None, mu, lv, 1.0, reduction, "none", True))
+    torch.library.opcheck(_fused_loss_op, (x, t, None, None, ls, 1.0, reduction, recon, True, ls is not None))
+    torch.library.opcheck(_fused_loss_op, (None, None, mu, lv, None, 1.0, reduction, "none", True, False))
+    if recon == "gaussian":  # one scale for everything
+        one = torch.tensor([0.3], device=DEVICE, requires_grad=True)
+        torch.library.opcheck(_fused_loss_op, (x, t, mu, lv, one, 0.5, reduction, recon, True, True))
 
 
 def test_opcheck_reparameterize_and_scale(backend):
