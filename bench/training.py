@@ -12,7 +12,8 @@ images of the embedded MNIST set:
   with the forward and loss under ``torch.compile``.  These separate the gain of the data path
   from the gain of the fused ops;
 * ``trainer``: ``fastvae.trainer.Trainer`` with its defaults; ``trainer-compile``: ``compile=True``;
-  ``trainer-amp-bf16`` (CUDA): ``amp="bf16"``.
+  ``trainer-amp-bf16`` (CUDA): ``amp="bf16"``; ``trainer-cuda-graphs`` (CUDA): ``cuda_graphs=True``
+  (each full-batch step one CUDA graph replay).
 
 Each loop trains warm-up epochs first (JIT, torch.compile, allocator), then the loops take turns,
 epoch by epoch, for the measured epochs (quick: 1 + 2, full: 1 + 3); samples/s = training images /
@@ -68,7 +69,7 @@ def variants(mode: str, device: torch.device) -> list[str]:
     names = ["examples", "plain", "plain-compile", "trainer", "trainer-compile"]
     if mode == "quick":
         names.remove("plain")
-    return names + (["trainer-amp-bf16"] if gpu else [])
+    return names + (["trainer-amp-bf16", "trainer-cuda-graphs"] if gpu else [])
 
 
 def epochs_for(mode: str) -> tuple[int, int]:
@@ -214,8 +215,8 @@ class PlainLoop(Loop):
 
 
 class TrainerLoop(Loop):
-    """``fastvae.trainer.Trainer`` (options: compile, amp); an epoch is one more ``fit`` epoch, whose
-    time is the Trainer's own per-epoch ``seconds`` (data preparation in ``fit`` excluded)."""
+    """``fastvae.trainer.Trainer`` (options: compile, amp, cuda_graphs); an epoch is one more ``fit``
+    epoch, whose time is the Trainer's own per-epoch ``seconds`` (data preparation in ``fit`` excluded)."""
 
     def __init__(self, case: TrainCase, device: torch.device, **options: Any) -> None:
         from fastvae.data import load_mnist
@@ -246,7 +247,12 @@ def make_loop(name: str, case: TrainCase, device: torch.device) -> Loop:
         return ExamplesLoop(case, device)
     if name in ("plain", "plain-compile"):
         return PlainLoop(case, device, compile=name == "plain-compile")
-    options = {"trainer": {}, "trainer-compile": {"compile": True}, "trainer-amp-bf16": {"amp": "bf16"}}
+    options = {
+        "trainer": {},
+        "trainer-compile": {"compile": True},
+        "trainer-amp-bf16": {"amp": "bf16"},
+        "trainer-cuda-graphs": {"cuda_graphs": True},
+    }
     return TrainerLoop(case, device, **options[name])
 
 

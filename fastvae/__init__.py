@@ -22,8 +22,8 @@ from fastvae.ops import (
 __version__ = "0.1.0"
 
 # The training API pulls in tqdm and matplotlib: imported on first use, not with the ops.
-_LAZY_MODULES = ("data", "models", "trainer", "checkpoint", "plots")
-_LAZY_NAMES = {"Trainer": "trainer", "TrainingDivergedError": "trainer"}
+_LAZY_MODULES = ("data", "models", "trainer", "checkpoint", "plots", "config", "graphs")
+_LAZY_NAMES = {"Trainer": "trainer", "TrainingDivergedError": "trainer", "TrainConfig": "config"}
 
 
 def __getattr__(name: str):
@@ -38,6 +38,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BACKENDS",
+    "TrainConfig",
     "Trainer",
     "TrainingDivergedError",
     "VAELossTerms",

@@ -12,11 +12,13 @@ A checkpoint is a plain dictionary of tensors and Python containers (no pickled 
 * ``history``    -- the per-epoch metrics (list of dicts),
 * ``config``     -- ``{"model": model.config(), "trainer": {hyperparameters}, "meta": {...}}``.
 
-Writes (:func:`atomic_write`, used for ``checkpoint.pt`` and ``metrics.jsonl``) never leave a
-half-written file under the final name: the data go to a temporary file in the same directory,
-which is flushed, fsynced and renamed over the target with ``os.replace``; the directory is fsynced
-last.  Files are created with mode ``0o666`` minus the umask, like any other file.  A full disk
-raises :class:`CheckpointWriteError` ("no space left on device") and keeps the previous file.
+Writes (:func:`atomic_write`, used for ``checkpoint.pt`` and, by :func:`write_metrics`, for
+``metrics.jsonl``) never leave a half-written file under the final name: the data go to a temporary
+file in the same directory, which is flushed, fsynced and renamed over the target with
+``os.replace``; the directory is fsynced last.  Files are created with mode ``0o666`` minus the
+umask, like any other file.  A full disk raises :class:`CheckpointWriteError` ("no space left on
+device") and keeps the previous file.  :func:`remove_temp_files` deletes the temporary files a
+killed writer left.
 
 A checkpoint is untrusted input: ``weights_only=True`` stops code execution, but a tensor of the
 wrong shape in the optimizer state makes the fused Adam kernel write out of bounds (heap
@@ -31,6 +33,7 @@ dies, so a killed run never blocks its resume.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import re
@@ -43,6 +46,7 @@ import torch
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "METRICS_NAME",
     "LOCK_NAME",
     "CheckpointError",
     "CheckpointWriteError",
@@ -51,6 +55,8 @@ __all__ = [
     "resolve_checkpoint_path",
     "atomic_write",
     "save_checkpoint",
+    "write_metrics",
+    "remove_temp_files",
     "load_torch_file",
     "load_checkpoint",
     "load_model",
@@ -62,6 +68,7 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
 LOCK_NAME = ".lock"
 FORMAT = "fastvae-checkpoint"
 VERSION = 1
@@ -197,6 +204,26 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     return atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
+
+
+def write_metrics(directory: str | os.PathLike, history: list[dict[str, Any]]) -> Path:
+    """Rewrite ``directory/metrics.jsonl`` (one JSON line per epoch) from ``history``, atomically.
+
+    Rewritten whole after every checkpoint (a few hundred bytes per epoch), so that it always
+    equals the history of the checkpoint next to it, also on resume and after a full disk.
+    """
+    text = "".join(json.dumps(record) + "\n" for record in history).encode("utf-8")
+    return atomic_write(Path(directory) / METRICS_NAME, lambda f: f.write(text), what="metrics file")
+
+
+def remove_temp_files(directory: str | os.PathLike) -> None:
+    """Delete the ``.checkpoint.pt.*.tmp`` / ``.metrics.jsonl.*.tmp`` files a killed writer left behind.
+
+    Call it only while holding the directory's lock (:func:`lock_run_dir`): then no writer is active.
+    """
+    for name in (CHECKPOINT_NAME, METRICS_NAME):
+        for stale in Path(directory).glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- the run lock

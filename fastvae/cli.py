@@ -24,31 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fastvae.config import SEED_MAX, RunConfig, TrainConfig, add_arguments, option_flag
+
 __all__ = ["main", "build_parser", "DEFAULT_EPOCHS", "VAL_FRACTION", "SEED_MAX"]
 
-DEFAULT_EPOCHS = 10
-VAL_FRACTION = 0.1
-SEED_MAX = 2**63 - 1  # the Trainer's bound; torch.manual_seed overflows past 2**64 - 1
-_TRAIN_DEFAULTS: dict[str, Any] = {
-    "data": "mnist",
-    "model": "mlp",
-    "latent": None,
-    "hidden": None,
-    "epochs": DEFAULT_EPOCHS,
-    "batch_size": 128,
-    "lr": 1e-3,
-    "beta": 1.0,
-    "kl_warmup": 0,
-    "free_bits": 0.0,
-    "grad_clip": None,
-    "seed": 0,
-    "limit": None,
-    "val_fraction": VAL_FRACTION,
-}
-# The settings a resumed run takes from its checkpoint: given with --resume they must equal the run's.
-_FIXED_ON_RESUME = ("data", "model", "latent", "hidden", "batch_size", "lr", "beta", "kl_warmup")
-_FIXED_ON_RESUME += ("free_bits", "grad_clip", "seed", "limit", "val_fraction", "amp", "out")
-_HYPERPARAMETERS = ("lr", "batch_size", "beta", "kl_warmup", "free_bits", "grad_clip", "seed")
+DEFAULT_EPOCHS = RunConfig.epochs
+VAL_FRACTION = RunConfig.val_fraction
 _SPLITS = ("all", "train", "test")
 
 
@@ -95,32 +76,7 @@ def _int_in(minimum: int, maximum: int | None, expected: str):
 
 
 _positive_int = _int_in(1, None, "a positive integer")
-_nonneg_int = _int_in(0, None, "an integer >= 0")
-_seed = _int_in(0, SEED_MAX, "an integer in [0, 2**63 - 1]")
-
-
-def _float_at_least(low: float, strict: bool):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        bad = value != value or value in (float("inf"), float("-inf"))
-        bad = bad or (value <= low if strict else value < low)
-        if bad:
-            raise argparse.ArgumentTypeError(
-                f"expected a finite number {'>' if strict else '>='} {low}, got {text!r}"
-            )
-        return value
-
-    return parse
-
-
-def _fraction(text: str) -> float:
-    value = _float_at_least(0.0, strict=False)(text)
-    if value >= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
+_seed = _int_in(0, SEED_MAX, "an integer in [0, 2**63 - 1]")  # the bound of TrainConfig.seed
 
 
 # ---------------------------------------------------------------------- the parser
@@ -165,70 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         argument_default=argparse.SUPPRESS,  # to tell given options from defaults (--resume)
     )
-    t.add_argument(
-        "--data",
-        metavar="mnist|PATH",
-        help="'mnist' (embedded set) or a .npy/.npz/.pt/IDX file or folder; the last "
-        "--val-fraction of a file is held out (default: mnist)",
-    )
-    t.add_argument("--model", choices=("mlp", "conv"), help="architecture (default: mlp)")
-    t.add_argument(
-        "--latent", type=_positive_int, metavar="N", help="latent dimensions (default: 20 mlp, 2 conv)"
-    )
-    t.add_argument(
-        "--hidden",
-        type=_positive_int,
-        nargs="+",
-        metavar="N",
-        help="hidden widths (mlp, default 400) or conv channels then dense width (conv, default 32 64 16)",
-    )
-    t.add_argument(
-        "--epochs", type=_nonneg_int, metavar="N", help=f"total epochs (default: {DEFAULT_EPOCHS})"
-    )
-    t.add_argument("--batch-size", type=_positive_int, metavar="N", help="(global) batch size (default: 128)")
-    t.add_argument(
-        "--lr", type=_float_at_least(0.0, strict=True), metavar="X", help="Adam lr (default: 1e-3)"
-    )
-    t.add_argument(
-        "--beta", type=_float_at_least(0.0, strict=False), metavar="X", help="KL weight (default: 1)"
-    )
-    t.add_argument(
-        "--kl-warmup", type=_nonneg_int, metavar="N", help="linear KL warm-up over N steps (default: 0, off)"
-    )
-    t.add_argument(
-        "--free-bits",
-        type=_float_at_least(0.0, strict=False),
-        metavar="X",
-        help="KL floor in nats per latent dimension (default: 0, off)",
-    )
-    t.add_argument(
-        "--grad-clip", type=_float_at_least(0.0, strict=True), metavar="X", help="clip the gradient norm to X"
-    )
-    t.add_argument("--device", choices=("auto", "cpu", "cuda"), help=f"{_DEVICE_HELP} (default: auto)")
-    t.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the encoder and decoder")
-    t.add_argument("--seed", type=_seed, metavar="N", help="random seed, 0 to 2**63 - 1 (default: 0)")
+    add_arguments(t, (RunConfig, TrainConfig))  # one option per field, help and checks from the field
     t.add_argument("--out", metavar="DIR", help="output directory (default: runs/<timestamp>)")
     t.add_argument(
         "--resume",
         metavar="DIR",
         help="continue the run in DIR from its checkpoint (settings come from the checkpoint: other "
         "options must equal the run's; --epochs sets a new total)",
-    )
-    t.add_argument(
-        "--limit", type=_positive_int, metavar="N", help="train on the first N training images only"
-    )
-    t.add_argument(
-        "--val-fraction",
-        type=_fraction,
-        metavar="F",
-        help="held-out fraction of a data file (default: 0.1; mnist uses its fixed 9000/1000 split)",
-    )
-    t.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress bar or per-epoch lines (the bar shows only on a terminal; logs get one line "
-        "per epoch)",
     )
     t.add_argument("--no-plots", action="store_true", help="do not write the pictures")
 
@@ -313,13 +212,10 @@ def _shadowing_folder() -> str | None:
 
 
 def _device(name: str):
-    import torch
+    """``--device`` as a torch.device (:func:`fastvae.trainer.resolve_device`: the one device resolver)."""
+    from fastvae.trainer import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for, but CUDA is not available on this machine")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def _load_training_data(source: str, limit: int | None, val_fraction: float):
@@ -422,6 +318,12 @@ def _labels_path(out: Path) -> Path:
     return out.with_name(out.stem + ".labels.npy")
 
 
+_FIXED_ON_RESUME = (*RunConfig.fixed(), *TrainConfig.fixed(), "out")  # a resumed run keeps these
+_FREE_ON_RESUME = [
+    option_flag(k) for k in (*RunConfig.names(), *TrainConfig.names()) if k not in _FIXED_ON_RESUME
+]
+
+
 def _given_settings(given: dict[str, Any], device) -> dict[str, Any]:
     """The resume-fixed options given on the command line, normalised as a run stores them."""
     settings = {k: given[k] for k in _FIXED_ON_RESUME if k in given}
@@ -438,12 +340,22 @@ def _given_settings(given: dict[str, Any], device) -> dict[str, Any]:
     return settings
 
 
-def _run_settings(resume: str, meta: dict, hp: dict, model_cfg: dict) -> dict[str, Any]:
-    """The settings of the run in ``resume``, under the CLI's option names."""
-    run = {k: meta.get(k) for k in ("data", "limit", "val_fraction")}
-    run.update({k: hp.get(k) for k in _HYPERPARAMETERS})
-    run.update(model=model_cfg.get("model"), latent=model_cfg.get("latent"), hidden=model_cfg.get("hidden"))
-    run.update(amp=hp.get("amp"), out=str(_run_dir(resume).resolve()))
+def _run_settings(resume: str, state: dict) -> dict[str, Any]:
+    """The resume-fixed settings of the run in ``resume``, by field name, from its checkpoint's config.
+
+    The architecture comes from ``config["model"]``, the Trainer's settings from ``config["trainer"]``,
+    the data from ``config["meta"]``; a checkpoint that lacks them was not written by ``fastvae train``.
+    """
+    config = state["config"]
+    meta, hp, model_cfg = config.get("meta"), config.get("trainer"), config.get("model")
+    if not isinstance(model_cfg, dict) or not isinstance(meta, dict) or "data" not in meta:
+        raise CLIError(f"{resume} was not written by 'fastvae train' (no data source in its config)")
+    lacking = [k for k in TrainConfig.fixed() if not isinstance(hp, dict) or k not in hp]
+    if lacking:
+        raise CLIError(f"{resume} is not a complete 'fastvae train' checkpoint: its config lacks {lacking}")
+    run = {k: meta.get(k) for k in RunConfig.fixed()}
+    run.update({k: model_cfg.get(k) for k in ("model", "latent", "hidden")})
+    run.update({k: hp[k] for k in TrainConfig.fixed()}, out=str(_run_dir(resume).resolve()))
     return run
 
 
@@ -452,12 +364,11 @@ def _conflicts(given: dict[str, Any], run: dict[str, Any]) -> list[str]:
     out = []
     for key, value in given.items():
         if value != run.get(key):
-            flag = "--" + key.replace("_", "-")
             if key == "amp":  # a flag: its value is what this device makes of it
                 out.append(f"--amp (amp={value} here; the run's: amp={run.get(key)})")
                 continue
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
-            out.append(f"{flag} {shown} (the run's: {run.get(key)})")
+            out.append(f"{option_flag(key)} {shown} (the run's: {run.get(key)})")
     return out
 
 
@@ -473,43 +384,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
         load_checkpoint,
         resolve_checkpoint_path,
     )
-    from fastvae.trainer import Trainer
+    from fastvae.config import split_options
+    from fastvae.trainer import Trainer, resolve_device
 
-    given = vars(args)
-    opts = {**_TRAIN_DEFAULTS, **{k: v for k, v in given.items() if k in _TRAIN_DEFAULTS}}
-    progress = not given.get("no_progress", False)
-    device = given.get("device", "auto")
-    compile_ = given.get("compile", False)
-    amp = "bf16" if given.get("amp", False) else None
+    given = vars(args)  # only the options given on the command line (argparse.SUPPRESS defaults)
+    train_opts, run_opts = split_options(given)
     resume = given.get("resume")
     done = 0
-
     if resume is not None:
         state = load_checkpoint(resume)
-        config = state["config"] if isinstance(state["config"], dict) else {}
-        meta, hp, model_cfg = config.get("meta"), config.get("trainer"), config.get("model")
-        if not isinstance(model_cfg, dict) or not isinstance(meta, dict) or "data" not in meta:
-            raise CLIError(f"{resume} was not written by 'fastvae train' (no data source in its config)")
-        lacking = [k for k in _HYPERPARAMETERS if not isinstance(hp, dict) or k not in hp]
-        if lacking:
-            raise CLIError(
-                f"{resume} is not a complete 'fastvae train' checkpoint: its config lacks {lacking}"
-            )
-        clash = _conflicts(
-            _given_settings(given, _device(device)), _run_settings(resume, meta, hp, model_cfg)
-        )
+        stored = _run_settings(resume, state)
+        device = resolve_device(given.get("device", TrainConfig.device))
+        clash = _conflicts(_given_settings(given, device), stored)
         if clash:
             them = "it" if len(clash) == 1 else "them"
             raise CLIError(
-                f"{', '.join(clash)}: a resumed run keeps its own settings (only --epochs, --device, "
-                f"--compile, --no-progress and --no-plots may change); leave {them} out to continue "
+                f"{', '.join(clash)}: a resumed run keeps its own settings (only "
+                f"{', '.join(_FREE_ON_RESUME)} and --no-plots may change); leave {them} out to continue "
                 f"{resume}, or start a new run with --out"
             )
-        opts.update({k: meta[k] for k in ("data", "limit", "val_fraction") if k in meta})
-        opts.update({k: hp[k] for k in _HYPERPARAMETERS})
-        amp = hp.get("amp")
-        if "epochs" not in given:
-            opts["epochs"] = int(meta.get("epochs", state["epoch"]))
+        run_opts = {**{k: stored[k] for k in RunConfig.fixed()}, **run_opts}
+        run_opts.setdefault("epochs", int(state["config"]["meta"].get("epochs", state["epoch"])))
+        train_opts = {**{k: stored[k] for k in TrainConfig.fixed()}, **train_opts}
         done = int(state["epoch"])
         out: Path | None = _run_dir(resume)
         model = build_checkpoint_model(state, resolve_checkpoint_path(resume))  # weights: fit loads them
@@ -522,45 +418,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 raise CLIError(f"--out {out} is a file, not a directory")
             if (out / CHECKPOINT_NAME).exists():
                 raise CLIError(f"--out {out} already holds a checkpoint; continue it with --resume {out}")
+    run, config = RunConfig(**run_opts), TrainConfig(**train_opts)
 
-    train_x, train_y, val_x, val_y, val_desc = _load_training_data(
-        opts["data"], opts["limit"], opts["val_fraction"]
-    )
-    torch.manual_seed(opts["seed"])  # the initial weights of a new run
+    train_x, train_y, val_x, val_y, val_desc = _load_training_data(run.data, run.limit, run.val_fraction)
     if resume is None:
-        model = _build_model(opts["model"], tuple(train_x.shape[1:]), opts["latent"], opts["hidden"])
+        torch.manual_seed(config.seed)  # the initial weights: the one seeding of torch's global generator
+        model = _build_model(run.model, tuple(train_x.shape[1:]), run.latent, run.hidden)
 
-    trainer = Trainer(
-        model,
-        lr=opts["lr"],
-        batch_size=opts["batch_size"],
-        beta=opts["beta"],
-        kl_warmup=opts["kl_warmup"],
-        free_bits=opts["free_bits"],
-        grad_clip=opts["grad_clip"],
-        device=device,
-        amp=amp,
-        compile=compile_,
-        seed=opts["seed"],
-        progress=progress,
-    )
+    trainer = Trainer(model, config)
     try:
-        source = opts["data"] if opts["data"].lower() == "mnist" else str(Path(opts["data"]).resolve())
-        trainer.metadata = {
-            "data": source,
-            "limit": opts["limit"],
-            "val_fraction": opts["val_fraction"],
-            "epochs": opts["epochs"],
-        }
+        source = run.data if run.data.lower() == "mnist" else str(Path(run.data).resolve())
+        trainer.metadata = {**run.to_dict(), "data": source}  # stored with each checkpoint (config["meta"])
         out = _broadcast_path(trainer, out if out is not None or not trainer.dist.is_main else _new_run_dir())
         if trainer.dist.is_main:
-            print(_start_line(model, trainer, train_x.shape[0], val_desc, opts["epochs"], out, resume, done))
+            print(_start_line(model, trainer, train_x.shape[0], val_desc, run.epochs, out, resume, done))
             sys.stdout.flush()
         val = None if val_x is None else (val_x, val_y)
         try:
             history = trainer.fit(
                 (train_x, train_y),
-                opts["epochs"],
+                run.epochs,
                 val=val,
                 out=out,
                 plots=not given.get("no_plots", False),
@@ -569,13 +446,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             if not trainer.dist.is_main:
                 raise
-            raise _Interrupted(_resume_hint(out, trainer.epoch, opts["epochs"])) from None
+            raise _Interrupted(_resume_hint(out, trainer.epoch, run.epochs)) from None
     finally:
         trainer.close()
     if trainer.dist.is_main:
         last = history[-1] if history else None
         if last is None:
-            print(f"no epochs trained (--epochs {opts['epochs']}); files in {out}")
+            print(f"no epochs trained (--epochs {run.epochs}); files in {out}")
         elif last["val_loss"] is not None:
             print(
                 f"held-out negative ELBO after epoch {last['epoch']}: {last['val_loss']:.2f} nats per sample "
@@ -600,7 +477,8 @@ def _start_line(
     cfg = model.config() if callable(getattr(model, "config", None)) else {}
     params = sum(p.numel() for p in model.parameters())
     what = f"{cfg.get('model', type(model).__name__)} VAE (latent {cfg.get('latent')}, {params:,} parameters)"
-    steps = math.ceil(n_train / trainer.batch_size)
+    batch = trainer.config.batch_size
+    steps = math.ceil(n_train / batch)
     held = f", held out: {val_desc}" if val_desc else ""
     if resume is not None:
         if done >= epochs:
@@ -610,7 +488,7 @@ def _start_line(
             )
         return (
             f"resuming {out} from its checkpoint of epoch {done}: training epochs {done + 1} to {epochs} "
-            f"of {what} on {n_train:,} images{held}, {steps} steps of {trainer.batch_size} per epoch, "
+            f"of {what} on {n_train:,} images{held}, {steps} steps of {batch} per epoch, "
             f"on {trainer.device}"
         )
     # Numba compiles the CPU kernels at their first call (then caches them on disk): the first steps of
@@ -620,7 +498,7 @@ def _start_line(
     )
     return (
         f"training {what} on {n_train:,} images{held}: {epochs} epoch{'s' if epochs != 1 else ''} of "
-        f"{steps} steps of {trainer.batch_size}, on {trainer.device}, into {out}/{first}"
+        f"{steps} steps of {batch}, on {trainer.device}, into {out}/{first}"
     )
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_torch_file
+from .distributed import shard_bounds
 
 __all__ = [
     "MNIST_SPLITS",
@@ -677,30 +678,15 @@ def iterate_batches(
             "on every rank (all ranks must draw the same permutation)"
         )
     perm = _permutation(n, images.device, generator) if shuffle else None
-    local = batch_size // world_size
     for k in range(_num_batches(n, batch_size, world_size, drop_last)):
         start = k * batch_size
-        stop = min(start + batch_size, n)
-        if stop - start == batch_size:
-            lo, hi = start + rank * local, start + (rank + 1) * local
-        else:  # last partial batch: split as evenly as possible
-            bounds = [start] + [int(b) + start for b in _split_points(stop - start, world_size)] + [stop]
-            lo, hi = bounds[rank], bounds[rank + 1]
+        lo, hi = shard_bounds(min(batch_size, n - start), rank, world_size)  # rank's rows of this batch
+        lo, hi = start + lo, start + hi
         if perm is None:
             yield images[lo:hi], None if labels is None else labels[lo:hi]
         else:
             idx = perm[lo:hi]
             yield images[idx], None if labels is None else labels[idx]
-
-
-def _split_points(m: int, parts: int) -> list[int]:
-    """Interior split points of ``torch.tensor_split(range(m), parts)`` (sizes differ by at most one)."""
-    base, extra = divmod(m, parts)
-    points, acc = [], 0
-    for i in range(parts - 1):
-        acc += base + (1 if i < extra else 0)
-        points.append(acc)
-    return points
 
 
 class DeviceBatches:

@@ -437,8 +437,7 @@ def test_trainer_writes_metrics_through_the_atomic_writer(tmp_path, monkeypatch)
         written.append(Path(path).name)
         return real(path, write, **kw)
 
-    monkeypatch.setattr(ckpt, "atomic_write", spy)
-    monkeypatch.setattr("fastvae.trainer.atomic_write", spy)
+    monkeypatch.setattr(ckpt, "atomic_write", spy)  # save_checkpoint and write_metrics call it
     x = torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8)
     trainer = Trainer(models.MLPVAE(in_shape=(1, 4, 4), hidden=(4,), latent=2), device="cpu", progress=False)
     old = os.umask(0o022)
@@ -506,7 +505,7 @@ def test_the_lock_is_held_for_the_whole_fit_and_released_after_a_failure(tmp_pat
         seen.append(path)
         raise ckpt.CheckpointWriteError("cannot write checkpoint: no space left on device", errno.ENOSPC)
 
-    monkeypatch.setattr("fastvae.trainer.save_checkpoint", save_on_a_full_disk)
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_on_a_full_disk)
     with pytest.raises(ckpt.CheckpointWriteError, match="no space left"):
         trainer.fit(x, 1, out=tmp_path, plots=False)
     assert len(seen) == 1
@@ -546,3 +545,18 @@ def test_ctrl_c_inside_torch_save_stays_a_keyboard_interrupt(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(target, interrupted, what="checkpoint")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_directory_files_next_to_the_checkpoint_code(tmp_path):
+    """write_metrics rewrites metrics.jsonl whole; remove_temp_files drops only a killed writer's files."""
+    history = [{"epoch": 1, "val_loss": 1.5}, {"epoch": 2, "val_loss": None}]
+    assert ckpt.write_metrics(tmp_path, history) == tmp_path / ckpt.METRICS_NAME
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == history
+    ckpt.write_metrics(tmp_path, history[:1])
+    assert (tmp_path / "metrics.jsonl").read_text() == json.dumps(history[0]) + "\n"
+    stale = [tmp_path / ".checkpoint.pt.0a1b2c.tmp", tmp_path / ".metrics.jsonl.3d4e5f.tmp"]
+    kept = [tmp_path / ".other.tmp", tmp_path / "notes.txt"]
+    for p in stale + kept:
+        p.write_text("x")
+    ckpt.remove_temp_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["metrics.jsonl", *(p.name for p in kept)])

@@ -188,15 +188,15 @@ class _Terminal(io.StringIO):
 
 def test_progress_bar_on_a_terminal_only(monkeypatch, capsys):
     """On a terminal: a per-step bar with steps, loss and samples/s; in logs (not a tty): no bar."""
-    from fastvae.trainer import _postfix, _progress_bar
+    from fastvae.progress import postfix, progress_bar
 
-    assert _progress_bar(71, "epoch 1/10", True) is None  # capsys's stderr is not a terminal
+    assert progress_bar(71, "epoch 1/10", True) is None  # capsys's stderr is not a terminal
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    bar = _progress_bar(71, "epoch 1/10", True)
+    bar = progress_bar(71, "epoch 1/10", True)
     assert bar is not None
     bar.update(8)
-    bar.set_postfix_str(_postfix([0.0, 1000.0, 100.0], 8, 2500.0))  # [objective, recon, kl] summed
+    bar.set_postfix_str(postfix([0.0, 1000.0, 100.0], 8, 2500.0))  # [objective, recon, kl] summed
     bar.close()
     text = terminal.getvalue()
     assert "epoch 1/10" in text and "8/71" in text and "step" in text
@@ -298,7 +298,7 @@ def test_errors_are_one_line(run_dir, tmp_path, capsys):
         (["encode", "--checkpoint", str(run_dir), "--split", "val"], 2, "--split: invalid choice: 'val'")
     )
     cases.append((["train", "--epochs", "many"], 2, "--epochs: expected an integer"))
-    cases.append((["train", "--lr", "-1"], 2, "--lr: expected a finite number > 0"))
+    cases.append((["train", "--lr", "-1"], 2, "--lr: expected a positive finite number, got '-1'"))
     cases.append((["train", "--model", "rnn"], 2, "invalid choice"))
     cases.append((["fly"], 2, "invalid choice"))
     for argv, code, pattern in cases:
@@ -407,3 +407,32 @@ def test_ctrl_c_prints_the_resume_command(tmp_path, capsys):
     done = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
     assert main(["train", "--resume", str(out), "--epochs", str(done + 1), "--no-progress"]) == 0
     assert f"from its checkpoint of epoch {done}" in capsys.readouterr().out
+
+
+def test_train_options_come_from_the_config_fields(capsys):
+    """Every TrainConfig/RunConfig field is a `fastvae train` option with the field's help text."""
+    import dataclasses
+
+    from fastvae.config import RunConfig, TrainConfig, option_flag, split_options
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (and at hyphens)
+    for config in (RunConfig, TrainConfig):
+        for f in dataclasses.fields(config):
+            assert option_flag(f.name) in text and "".join(f.metadata["help"].split()) in text, f.name
+    assert vars(build_parser().parse_args(["train"])) == {"command": "train"}  # only the options given
+    argv = ["train", "--lr", "3e-3", "--no-progress", "--amp", "--cuda-graphs", "--hidden", "8", "4"]
+    train, run = split_options(vars(build_parser().parse_args(argv)))
+    assert TrainConfig(**train) == TrainConfig(lr=3e-3, progress=False, amp="bf16", cuda_graphs=True)
+    assert RunConfig(**run) == RunConfig(hidden=(8, 4))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_cuda_graphs_without_cuda_is_one_line(tmp_path, capsys):
+    assert main(["train", *TINY, "--cuda-graphs", "--out", str(tmp_path / "r")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(
+        "fastvae train: error: cuda_graphs=True needs a CUDA device; this machine has no CUDA"
+    )
+    assert not (tmp_path / "r").exists()

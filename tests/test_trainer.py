@@ -10,6 +10,7 @@ import torch
 
 from fastvae import data, models
 from fastvae.checkpoint import load_checkpoint
+from fastvae.config import RunConfig, TrainConfig
 from fastvae.trainer import (
     BETA_MAX,
     METRICS_NAME,
@@ -17,6 +18,7 @@ from fastvae.trainer import (
     Trainer,
     TrainingDivergedError,
     _reparameterize_rows,
+    objective,
     score_samples,
 )
 
@@ -94,7 +96,7 @@ def test_evaluate_is_sampled_and_deterministic(mnist_small):
     assert mean_loss != pytest.approx(a["loss"], rel=1e-6)
     scores = score_samples(model, val[0])
     assert scores.shape == (N_VAL,) and torch.isfinite(scores).all()
-    assert scores.double().mean().item() == pytest.approx(a["loss"], rel=1e-4)
+    assert scores.double().sum().item() / N_VAL == a["loss"]  # one evaluation loop: the same numbers
     assert torch.equal(scores, score_samples(model, val[0]))
 
 
@@ -173,10 +175,10 @@ def test_kl_warmup_free_bits_and_clipping(mnist_small):
     mu = torch.zeros(4, 8, requires_grad=True)
     logvar = torch.zeros(4, 8, requires_grad=True)
     x = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
-    objective, recon, kl = trainer._loss(logits, x, mu, logvar, beta=1.0)
+    loss, recon, kl = objective(logits, x, mu, logvar, beta=1.0, free_bits=0.25)
     assert kl.item() == 0.0
-    assert objective.item() == pytest.approx(recon.item() + 4 * 8 * 0.25)
-    objective.backward()
+    assert loss.item() == pytest.approx(recon.item() + 4 * 8 * 0.25)
+    loss.backward()
     assert torch.all(mu.grad == 0) and torch.all(logvar.grad == 0)  # below the floor: no KL gradient
 
 
@@ -229,7 +231,7 @@ def test_bad_arguments_are_named():
         with pytest.raises(ValueError, match="CUDA is not available"):
             Trainer(model, device="cuda")
         with pytest.warns(RuntimeWarning, match="needs a CUDA device"):
-            assert Trainer(model, amp="bf16", device="cpu").amp is None
+            assert Trainer(model, amp="bf16", device="cpu").config.amp is None
     with pytest.raises(TypeError, match="train must be an image tensor"):
         Trainer(model, device="cpu").fit("mnist", 1)
     meta = torch.zeros(4, 1, 28, 28, dtype=torch.uint8, device="meta")
@@ -255,5 +257,132 @@ def test_beta_and_free_bits_must_be_bounded_numbers(name):
     for big in (1e308, BETA_MAX * 1.001):  # 1e308 made every loss inf
         with pytest.raises(ValueError, match=rf"{name} must be at most 1e\+06, got "):
             Trainer(model, device="cpu", **{name: big})
-    assert getattr(Trainer(model, device="cpu", **{name: BETA_MAX}), name) == 1e6
-    assert getattr(Trainer(model, device="cpu", **{name: 2}), name) == 2.0
+    assert getattr(Trainer(model, device="cpu", **{name: BETA_MAX}).config, name) == 1e6
+    assert getattr(Trainer(model, device="cpu", **{name: 2}).config, name) == 2.0
+
+
+def test_the_config_is_one_frozen_validated_dataclass(mnist_small):
+    import dataclasses
+
+    config = TrainConfig(lr=3e-3, batch_size=64, device="cpu", progress=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0  # type: ignore[misc]
+    a, b = (
+        Trainer(small_model(), config),
+        Trainer(small_model(), lr=3e-3, batch_size=64, device="cpu", progress=False),
+    )
+    assert a.config == b.config == config  # keywords build the same config
+    with pytest.raises(TypeError, match="not both"):
+        Trainer(small_model(), config, lr=1e-2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'learning_rate'"):
+        Trainer(small_model(), learning_rate=1e-2)
+    # hyperparameters() and the checkpoint's config come from the fields
+    assert tuple(a.hyperparameters()) == TrainConfig.fixed()
+    assert a.hyperparameters() == {
+        k: v for k, v in dataclasses.asdict(config).items() if k in TrainConfig.fixed()
+    }
+    assert a.checkpoint_config()["trainer"] == {**dataclasses.asdict(config), "world_size": 1}
+    # every field refuses a bad value naming itself and the expected value
+    bad = {
+        "lr": (0, "a positive finite number"),
+        "batch_size": (1.5, "a positive integer"),
+        "kl_warmup": (-1, "an integer >= 0"),
+        "grad_clip": ("1", "a positive finite number"),
+        "seed": (2**63, r"an integer in \[0, 2\*\*63 - 1\]"),
+        "device": ("tpu", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        "compile": ("yes", "True or False"),
+    }
+    for name, (value, expected) in bad.items():
+        with pytest.raises(
+            ValueError, match=rf"^{name} must be {expected}, got {value!r}$".replace("(", r"\(")
+        ):
+            TrainConfig(**{name: value})
+    assert TrainConfig(amp=True).amp == "bf16" and TrainConfig(device=torch.device("cpu")).device == "cpu"
+    with pytest.raises(ValueError, match=r"hidden\[1\] must be a positive integer, got 0"):
+        RunConfig(hidden=[4, 0])
+    with pytest.raises(ValueError, match=r"val_fraction must be a fraction in \[0, 1\), got 1.0"):
+        RunConfig(val_fraction=1.0)
+    with pytest.raises(ValueError, match="epochs must be an integer >= 0, got -1"):
+        a.fit(mnist_small[0], -1)
+
+
+def test_the_library_never_seeds_torch(mnist_small):
+    """Trainer construction, fit and evaluate leave torch's global generator as the caller set it."""
+    train, val = mnist_small
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    trainer = Trainer(small_model(), batch_size=128, device="cpu", seed=9, progress=False)
+    torch.set_rng_state(before)  # small_model() seeded and drew the weights: start from the same state
+    trainer.fit(train, 1, val=val)
+    trainer.evaluate(val)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_checkpoint_with_the_old_trainer_keys_still_loads(mnist_small):
+    train, _ = mnist_small
+    trainer = Trainer(small_model(), batch_size=128, device="cpu", progress=False)
+    trainer.fit(train, 1)
+    state = trainer.state_dict()
+    old = ("lr", "batch_size", "beta", "kl_warmup", "free_bits", "grad_clip", "seed", "amp", "world_size")
+    state["config"]["trainer"] = {k: state["config"]["trainer"][k] for k in old}  # written before TrainConfig
+    fresh = Trainer(small_model(), batch_size=128, device="cpu", progress=False)
+    fresh.load_state_dict(state)
+    assert fresh.step == trainer.step and fresh.history == trainer.history
+    other = Trainer(small_model(), batch_size=64, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"batch_size=128 \(this run: 64\)"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_cuda_graphs_needs_a_cuda_device():
+    with pytest.raises(ValueError, match=r"^cuda_graphs=True needs a CUDA device; this machine has no CUDA"):
+        Trainer(small_model(), cuda_graphs=True)
+    with pytest.raises(ValueError, match=r"^cuda_graphs=True needs a CUDA device; this machine has no CUDA"):
+        Trainer(small_model(), TrainConfig(device="cpu", cuda_graphs=True))
+
+
+def test_cuda_graphs_runs_full_batches_through_the_graphed_step(mnist_small, monkeypatch):
+    """The Trainer's graph path on the CPU: fastvae.graphs.GraphedStep with capture=False (the same code
+    the graph records) for the full batches, the eager step for the last partial one, one counter."""
+    from fastvae import graphs
+    from fastvae import trainer as trainer_module
+
+    made = []
+
+    class Eager(graphs.GraphedStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "capture": False})
+            made.append(self)
+
+    monkeypatch.setattr(graphs, "GraphedStep", Eager)
+    monkeypatch.setattr(trainer_module, "_check_graphable", lambda *a: None)  # the CUDA checks
+    train, val = mnist_small
+    x = train[0][:300]  # 2 full batches of 128 and one of 44
+    trainer = Trainer(
+        small_model(), batch_size=128, kl_warmup=4, cuda_graphs=True, device="cpu", progress=False
+    )
+    history = trainer.fit(x, 2, val=val)
+    (step,) = made  # captured once, for the full batch shape
+    assert step.batch_shape == (128, 1, 28, 28) and int(step.steps) == trainer.step == 6
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["beta"] == 1.0
+    assert all(math.isfinite(r["val_loss"]) for r in history)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_trains_and_resumes_on_cuda(mnist_small, tmp_path):
+    train, val = mnist_small
+    x = train[0][:300]  # 2 full batches (graph replays) and one of 44 (eager) per epoch
+
+    def make() -> Trainer:
+        return Trainer(
+            small_model(), batch_size=128, kl_warmup=4, cuda_graphs=True, device="cuda", progress=False
+        )
+
+    first = make()
+    history = first.fit(x, 2, val=val, out=tmp_path, plots=False)
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert first.step == 6 and int(first._graph.steps) == 6  # the eager partial steps advanced it too
+    resumed = make()
+    assert len(resumed.fit(x, 3, val=val, out=tmp_path, plots=False)) == 3
+    assert resumed.step == 9 and int(resumed._graph.steps) == 9
