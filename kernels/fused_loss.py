@@ -7,7 +7,9 @@ Per sample b (features f, latent dims d), with x = logits, t = target, sg = sigm
     SSE(x, t)  = sum_f  (x - t)^2                                d/dx = 2 (x - t)
     NLL(x, t)  = sum_f  (x - t)^2 w / 2 + s + log(2 pi) / 2      d/dx = (x - t) w,  d/ds = 1 - (x - t)^2 w
     CB(x, t)   = sum_f  BCE_f(x, t) - log C(x),  log C(x) = log(x / tanh(x / 2)) (log 2 at x = 0)
+               = sum_f  x (1/2 - t) + K(x),      K(x) = log(sinh(x/2) / (x/2))   (no cancellation at x ~ 0)
                                                                  d/dx = sg(x) - t - (1/x - 1/sinh(x))
+                                                                      = 1/2 - t + K'(x)
     KL(mu, lv) = -1/2 sum_d (1 + lv - mu^2 - exp(lv))            d/dmu = mu,  d/dlv = (exp(lv) - 1) / 2
     loss_b     = recon_b + beta * KL_b
 
@@ -123,58 +125,95 @@ def _bce_with_logits(x, t):
 
 
 @triton.jit
-def _cb_log_norm(x):
-    """log C(x) = log(x / tanh(x / 2)) and its derivative g(x) = 1/x - 1/sinh(x), for any x, no cancellation.
+def _log_normal(u):
+    """log(u) for a positive normal float32 u: libdevice logf's reduction and polynomial (within 1 ulp)
+    without its branches for 0, denormals, negatives, inf and NaN (the algorithm of
+    ``reparameterize._log_unit``).  e = (bits(u) - bits(2/3)) & exponent mask, m = u / 2^e in
+    [2/3, 4/3), f = m - 1 exact; log(u) = e ln2 + f + f^2 P(f), P of degree 8 (9 FFMA)."""
+    ub = u.to(tl.int32, bitcast=True)
+    e = (ub - 0x3F2AAAAB) & -8388608  # 0xff800000: the exponent field of u / m
+    f = (ub - e).to(tl.float32, bitcast=True) - 1.0
+    p = tl.fma(f, -0.13018856942653656, 0.14084610342979431)
+    p = tl.fma(f, p, -0.12148627638816833)
+    p = tl.fma(f, p, 0.13980610668659210)
+    p = tl.fma(f, p, -0.16684235632419586)
+    p = tl.fma(f, p, 0.20012299716472626)
+    p = tl.fma(f, p, -0.24999669194221497)
+    p = tl.fma(f, p, 0.33333182334899902)
+    p = tl.fma(f, p, -0.5)
+    r = tl.fma(f, f * p, f)
+    return tl.fma(e.to(tl.float32), 8.262958317573066e-08, r)  # float32(ln2) 2^-23: exact scaling
 
-    With a = |x| (log C is even, g odd), w = a^2, cosh a = 1 + w T(w) and sinh a = a (1 + w S(w)),
-    T = sum_n w^n / (2n + 2)!, S = sum_n w^n / (2n + 3)! (series of positive terms), and
-    tanh(a / 2) = (cosh a - 1) / sinh a:
-        small a:  log C = log((2 + w T) / (1 + w S)),     g = a S / (1 + w S)
-                  (= log 2 + x^2/12 - 7 x^4/1440 + 31 x^6/90720 - 127 x^8/4838400 + ...,
-                     x/6 - 7 x^3/360 + 31 x^5/15120 - 127 x^7/604800 + ...)
-        large a:  e = exp(-a) <= exp(-cut):  log C = log(a (1 + e) / (1 - e)),
-                  g = 1/a - 2e / (1 - e^2) = (1 - e^2 - 2 a e) / (a (1 - e^2))
-    Both branches share one reciprocal and one log: r = 1 / (1 + w S) or 1 / (x (1 - e^2)), whose sign
-    makes g odd without a select (g = x S r or (1 - e^2 - 2ae) r) and cancels in the large log C
-    argument a (1 + e) x (1 + e) r.
-    float32: cut 2, T and S to w^5 (truncation below 5e-8 relative at a = 2); the large branch loses
-    at most ~4x of e's rounding to cancellation in g at the cut (1 - e^2 - 2ae = 0.44 at a = 2).
-    float64: cut 1, T and S to w^7 (truncation 8e-17).  e = exp(-|x|) is BCE's (the compiler keeps one
-    MUFU.EX2).  Against mpmath on both sides of the cut (tests/test_triton_kernels.py), with float32
-    rounding and exact exp / log / division (the interpreter): below 2.4e-7 relative for both.
+
+@triton.jit
+def _cb_even(x):
+    """(K(x), K'(x)), K(x) = log(sinh(x/2) / (x/2)): the continuous Bernoulli's loss is x (1/2 - t) + K(x),
+    its derivative 1/2 - t + K'(x).  These equal softplus(x) - x t - log C(x) and sigmoid(x) - t -
+    (1/x - 1/sinh(x)) exactly (softplus(x) - x/2 = log(2 cosh(x/2)), log C(x) = log(x / tanh(x/2))), without
+    their cancellation near x = 0, where softplus and log C both tend to log 2 and K ~ x^2/24.
+
+        |x| <  cut:  K = z P(z), K' = x Q(z), z = x^2, P = sum_k c_k z^(k-1), Q = sum_k 2k c_k z^(k-1),
+                     c_k = B_2k / (2k (2k)!) = 1/24, -1/2880, 1/181440, -1/9676800, ... (radius 2 pi)
+        |x| >= cut:  a = |x|, e = exp(-a), r = 1 / (a (1 - e)):
+                     K = a/2 - log a + log(1 - e) = a/2 + log((1 - e)^2 r)
+                     K' = sign(x) (1/2 - 1/a + e / (1 - e)) = sign(x) (1/2 + (a e - (1 - e)) r)
+    The closed forms' lane runs at |x| = cut when |x| < cut (the select discards it: no inf or NaN).
+    Both cancel at the cut: K = 0.16 at a = 2 against a/2 = 1 (6x), K' = 0.16 against 1/2 (3x).
+    float32: cut 2, 7 terms (truncation c_8 x^14 / K < 2e-8 at |x| = 2).  MUFU: one EX2 and one RSQ:
+    r = rsqrt(v)^2, v = a (1 - e) >= 1.7, refined by one Newton step r (2 - v r) (squares RSQ's 2^-21.9
+    in r away; four instructions against the division's eight with its range checks).  The log is
+    ``_log_normal``: its argument (1 - e)^2 r lies in [0.86/a, 0.44], normal below |x| = 8e37 (beyond, a
+    denormal argument is off by a few tens, against K ~ |x|/2).  Against mpmath with the interpreter's
+    exact exp and rsqrt (tests/test_triton_kernels.py): K within 8.5e-7 relative, K' within 3.6e-7 (both
+    worst just above the cut; 1.6e-7 below it).  float64: cut 1, 10 terms (truncation < 2e-17), exact
+    division, libdevice exp and log (the closed forms lose ~12 eps at the cut; measured 6.9e-15).
     """
     a = tl.abs(x)
     if x.dtype == tl.float64:
-        e = tl.exp(-a)
         small = a < 1.0
-        w = tl.minimum(a * a, 1.0)  # the series only matter below the cut: no overflow past it
-        t_ = 1.0 / 20922789888000.0
-        t_ = t_ * w + 1.0 / 87178291200.0
-        t_ = t_ * w + 1.0 / 479001600.0
-        t_ = t_ * w + 1.0 / 3628800.0
-        s_ = 1.0 / 355687428096000.0
-        s_ = s_ * w + 1.0 / 1307674368000.0
-        s_ = s_ * w + 1.0 / 6227020800.0
-        s_ = s_ * w + 1.0 / 39916800.0
+        ac = tl.maximum(a, 1.0)
+        az = tl.minimum(a, 1.0)  # the series only matter below the cut: no overflow past it
+        z = az * az
+        p = -174611.0 / 16057153253965824000000.0 * z + 43867.0 / 91963695909076992000.0
+        p = p * z - 3617.0 / 170729965486080000.0
+        p = p * z + 1.0 / 1046139494400.0
+        p = p * z - 691.0 / 15692092416000.0
+        q = -174611.0 / 802857662698291200000.0 * z + 43867.0 / 5109094217170944000.0
+        q = q * z - 3617.0 / 10670622842880000.0
+        q = q * z + 1.0 / 74724249600.0
+        q = q * z - 691.0 / 1307674368000.0
+        e = tl.exp(-ac)
+        one_m_e = 1.0 - e
+        r = 1.0 / (ac * one_m_e)
+        log_ratio = tl.log(one_m_e * one_m_e * r)  # log((1 - e) / a)
     else:
-        e = _exp_fast(-a)
         small = a < 2.0
-        w = tl.minimum(a * a, 4.0)
-        t_ = 1.0 / 479001600.0 * w + 1.0 / 3628800.0
-        s_ = 1.0 / 6227020800.0 * w + 1.0 / 39916800.0
-    t_ = t_ * w + 1.0 / 40320.0
-    t_ = t_ * w + 1.0 / 720.0
-    t_ = t_ * w + 1.0 / 24.0
-    t_ = t_ * w + 0.5  # (cosh a - 1) / a^2
-    s_ = s_ * w + 1.0 / 362880.0
-    s_ = s_ * w + 1.0 / 5040.0
-    s_ = s_ * w + 1.0 / 120.0
-    s_ = s_ * w + 1.0 / 6.0  # (sinh a / a - 1) / a^2
-    one_m_e2 = 1.0 - e * e
-    r = 1.0 / tl.where(small, w * s_ + 1.0, x * one_m_e2)
-    log_c = tl.log(tl.where(small, w * t_ + 2.0, a + a * e) * (tl.where(small, 1.0, x + x * e) * r))
-    g = tl.where(small, x * s_, one_m_e2 - 2.0 * a * e) * r
-    return log_c, g
+        ac = tl.maximum(a, 2.0)
+        az = tl.minimum(a, 2.0)
+        z = az * az
+        p = 1.0 / 1046139494400.0 * z - 691.0 / 15692092416000.0
+        q = 1.0 / 74724249600.0 * z - 691.0 / 1307674368000.0
+        e = _exp_fast(-ac)
+        one_m_e = 1.0 - e
+        v = ac * one_m_e
+        rs = tl.math.rsqrt(v)
+        r = rs * rs
+        r = tl.fma(r, tl.fma(-v, r, 1.0), r)  # Newton: r (2 - v r), the error squared
+        log_ratio = _log_normal(one_m_e * one_m_e * r)
+    p = p * z + 1.0 / 479001600.0
+    p = p * z - 1.0 / 9676800.0
+    p = p * z + 1.0 / 181440.0
+    p = p * z - 1.0 / 2880.0
+    p = p * z + 1.0 / 24.0
+    q = q * z + 1.0 / 47900160.0
+    q = q * z - 1.0 / 1209600.0
+    q = q * z + 1.0 / 30240.0
+    q = q * z - 1.0 / 720.0
+    q = q * z + 1.0 / 12.0
+    k_closed = 0.5 * ac + log_ratio
+    dk_closed = 0.5 + (ac * e - one_m_e) * r  # K' at a: odd, sign restored below
+    dk_closed = tl.where(x < 0, -dk_closed, dk_closed)
+    return tl.where(small, z * p, k_closed), tl.where(small, x * q, dk_closed)
 
 
 @triton.jit
@@ -248,10 +287,10 @@ def _recon_tile(
                 mask=mask,
             )
     else:
-        loss, grad = _bce_with_logits(x, t)
-        log_c, dlog_c = _cb_log_norm(x)
-        loss = loss - log_c
-        grad = grad - dlog_c
+        k, dk = _cb_even(x)  # continuous Bernoulli: x (1/2 - t) + K(x), d/dx = 1/2 - t + K'(x)
+        half_m_t = 0.5 - t
+        loss = x * half_m_t + k
+        grad = half_m_t + dk
     if NEED_GRAD:
         if RECON == 3:
             dx = grad
