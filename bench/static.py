@@ -149,7 +149,8 @@ def _flat_valid(launch: Launch) -> tuple[int, int]:
 
 def cases() -> list[Case]:
     """Fused loss fp32 / bf16 / uint8 target at F = 784 and 12288 (and a few long rows, which split),
-    its gradient scaling, reparameterize forward and backward in fp32 and bf16."""
+    the Gaussian and continuous-Bernoulli likelihoods at F = 784, its gradient scaling, reparameterize
+    forward and backward in fp32 and bf16."""
     import torch
     from fastvae.kernels import fused_loss as fl
     from fastvae.kernels import reparameterize as rp
@@ -179,6 +180,26 @@ def cases() -> list[Case]:
             name = f"vae_loss {label} {B}x{F} D={D}"
             lane = (size[xt] + size[tt], size[xt])  # loads logits and target, stores d logits
             out.append(Case(name, run, bpe, lane, _loss_valid(F), elements=B * F))
+
+    # The other likelihoods at F = 784: Gaussian with one scale (L = 1) and one per feature (L = F), each
+    # writing d log_scale per element (4 bytes more); the continuous Bernoulli (reads and writes as BCE).
+    B, F, D = 4096, 784, 20
+    for label, recon, L in (
+        ("gaussian", be.RECON_GAUSSIAN, 1),
+        ("gaussian", be.RECON_GAUSSIAN, F),
+        ("cb", be.RECON_CB, 0),
+    ):
+        p = be.LossProblem(B, F, D, recon, be.REDUCE_MEAN, 1.0, 1.0 / B, True, torch.float32, L > 0)
+
+        def run_lik(p=p, L=L) -> None:
+            x, t = torch.empty(p.B, p.F), torch.empty(p.B, p.F)
+            mu, lv = torch.empty(p.B, p.D), torch.empty(p.B, p.D)
+            fl.fused_loss(p, x, t, mu, lv, torch.empty(L) if L else None)
+
+        bpe = 12 + (4 if L else 0) + 16 * D / F
+        lane = (8 + (4 if L > 1 else 0), 8 if L else 4)  # per-feature scales are loaded per lane
+        name = f"vae_loss {label} fp32 {B}x{F} D={D}" + (f" L={L}" if L else "")
+        out.append(Case(name, run_lik, bpe, lane, _loss_valid(F), elements=B * F))
 
     for B, F, D in ((4096, 784, 20), (512, 12288, 128)):
 

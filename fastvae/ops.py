@@ -686,8 +686,9 @@ def _check_seed_offset(seed: object, offset: object) -> None:
 def reparameterize(mu: Tensor, logvar: Tensor, *, seed: int | None = None, offset: int = 0) -> Tensor:
     """Sample ``z = mu + exp(0.5 * logvar) * eps`` with ``eps ~ N(0, 1)`` drawn inside the kernel.
 
-    ``eps[i] = randn(key, offset + i)`` over the flat (C-order) index ``i`` of ``mu``: Philox4x32-10
-    keyed by ``key`` and counted by the element, so eps is never stored, does not depend on block sizes,
+    ``eps[i] = randn(key, offset + i)`` over the flat (C-order) index ``i`` of ``mu``: normal ``n & 3``
+    (``n = offset + i``) of Philox4x32-10 keyed by ``key`` at counter ``n >> 2`` with two Box-Mullers
+    (four elements share a Philox call), so eps is never stored, does not depend on block sizes,
     and is identical on every backend (``fastvae.reference.eps``).  ``key`` is ``seed`` when given;
     with ``seed=None`` a fresh key is drawn on the tensors' device from torch's generator (so
     ``torch.manual_seed`` reproduces runs, eager and compiled alike) and read by the kernel on the

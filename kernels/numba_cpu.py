@@ -13,11 +13,11 @@ elements, float64 across chunks, for float32 logits; float64 throughout for floa
 rows are summed sequentially in float64, so results are bit-identical whatever the thread count.
 
 Sampler: ``eps[i] = randn(key, offset + i)``, Philox4x32-10 and Box-Muller as in
-``fastvae.reference`` (a port of ``tl.randn``): the uniforms are bit-identical to the Triton kernels';
-the normals use polynomial log / cos in float32 arithmetic for float32 (fp16, bf16) inputs and in
-float64 for float64 inputs (a few ulp of that precision from the reference), in one branch-free
-loop that LLVM vectorizes (see "Sampler").  A forward keeps its eps for its backward (see "The eps
-memo").  Small problems run on the calling thread.
+``fastvae.reference`` (a port of ``tl.randn4x``: four normals a Philox call): the uniforms are
+bit-identical to the Triton kernels'; the normals use polynomial log / sin / cos in float32 arithmetic
+for float32 (fp16, bf16) inputs and in float64 for float64 inputs (a few ulp of that precision from
+the reference), in one branch-free loop that LLVM vectorizes (see "Sampler").  A forward keeps its eps
+for its backward (see "The eps memo").  Small problems run on the calling thread.
 """
 
 from __future__ import annotations
@@ -34,7 +34,17 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-from fastvae.backend import RECON_BCE, RECON_NONE, REDUCE_MEAN, REDUCE_NONE, Key, LossProblem
+from fastvae.backend import (
+    RECON_BCE,
+    RECON_CB,
+    RECON_GAUSSIAN,
+    RECON_MSE,
+    RECON_NONE,
+    REDUCE_MEAN,
+    REDUCE_NONE,
+    Key,
+    LossProblem,
+)
 
 __all__ = ["fused_loss", "scale_grads_", "reparameterize", "reparameterize_backward"]
 
@@ -271,6 +281,101 @@ def _sse_chunk_f32(x, t, dx, t_scale, grad_scale):
     return acc
 
 
+# Gaussian: with w = e^(-2s) precomputed per feature (the scale is shared by every row), an element
+# is 0.5 (x - t)^2 w + s + 0.5 log(2 pi); the row's sum of s + 0.5 log(2 pi) is one constant added
+# once per row, so the chunk sums q = (x - t)^2 w only.  d/dx = (x - t) w, d/ds = 1 - q.
+_HALF_LOG_2PI = 0.9189385332046727  # log(2 pi) / 2
+
+
+@_vjit
+def _gauss_chunk_f32(x, t, w, dx, ds, t_scale, grad_scale):
+    """Sum of ``(x - t)^2 w`` over a chunk (float32); d/dx into ``dx`` and d/ds into ``ds`` (scratch rows
+    when not wanted: one loop, one summation order)."""
+    acc = _F0
+    for f in range(x.shape[0]):
+        diff = x[f] - np.float32(t[f]) * t_scale
+        r = diff * w[f]
+        q = diff * r
+        acc += q
+        dx[f] = r * grad_scale
+        ds[f] = (_F1 - q) * grad_scale
+    return acc
+
+
+# Continuous Bernoulli: softplus(x) - x t - log C(x), log C(x) = log(x / tanh(x / 2)), evaluated as
+# x (1/2 - t) + K(x) with K(x) = softplus(x) - x/2 - log C(x) = log(sinh(x/2) / (x/2)), so the two ~ln 2
+# terms never cancel near x = 0 (see fastvae.reference); d/dx = 1/2 - t + K'(x).  With a = |x|, e = e^-a:
+#   |x| >= 1:  K = a/2 - log a + log1p(-e),  K' = sign(x) (1/2 - 1/a + e / (1 - e))
+#              log1p(-e) = 2 atanh(s), s = -e / (2 - e), |s| <= 0.226: the log1p polynomial above;
+#              log a from the float32 bits (2^k m) and the same polynomial
+#   |x| < 1:   K = sum_k c_k x^(2k), K' = sum_k 2k c_k x^(2k-1) (radius 2 pi; 6 terms: < 1e-9 relative)
+# Both branches are computed and one selected, so the loop stays branch-free and vectorizes.
+_SQRT2_CB = np.float32(1.4142135623730951)
+_CB_MANT = np.int32(0x007FFFFF)
+_CB_ONE = np.int32(0x3F800000)
+_F_HALF_CB = np.float32(0.5)
+_CBK1, _CBK2, _CBK3 = np.float32(1 / 24), np.float32(-1 / 2880), np.float32(1 / 181440)
+_CBK4, _CBK5, _CBK6 = np.float32(-1 / 9676800), np.float32(1 / 479001600), np.float32(-691 / 15692092416000)
+_CBD1, _CBD2, _CBD3 = np.float32(2 / 24), np.float32(-4 / 2880), np.float32(6 / 181440)
+_CBD4, _CBD5, _CBD6 = (
+    np.float32(-8 / 9676800),
+    np.float32(10 / 479001600),
+    np.float32(-12 * 691 / 15692092416000),
+)
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _atanh2_f32(s):
+    """2 atanh(s) = log((1 + s) / (1 - s)) for |s| <= 1/3 (the minimax polynomial of log1p above)."""
+    z = s * s
+    poly = ((_LQ3 * z + _LQ2) * z + _LQ1) * z + _LQ0
+    return (s + s) + (s + s) * (z * poly)
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _log_pos_f32(y):
+    """log(y) in float32 for a normal y > 0: y = 2^k m, m in [sqrt(1/2), sqrt(2)),
+    log m = 2 atanh((m - 1) / (m + 1)) with |(m - 1) / (m + 1)| <= 0.172 (a few ulp)."""
+    bits = _bits_from_f32(y)
+    k = (bits >> _I23) - _I127
+    m = _f32_from_bits((bits & _CB_MANT) | _CB_ONE)  # [1, 2), exact
+    big = m > _SQRT2_CB
+    m = m * _F_HALF_CB if big else m
+    kf = np.float32(k + (np.int32(1) if big else np.int32(0)))
+    return kf * _LN2_HI_F32 + (kf * _LN2_LO_F32 + _atanh2_f32((m - _F1) / (m + _F1)))
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
+def _cb_terms_f32(x, t):
+    """(x (1/2 - t) + K(x), 1/2 - t + K'(x)) in float32: the continuous-Bernoulli NLL and d/dx."""
+    a = abs(x)
+    e = _exp_neg_f32(a)
+    ac = a if a >= _F1 else _F1  # the closed forms' lane never sees a < 1 (there e <= 1/e)
+    q = _F1 / ((_F2 - e) * (_F1 - e))  # one division for e / (2 - e) and e / (1 - e)
+    k_closed = (_F_HALF_CB * ac - _log_pos_f32(ac)) + _atanh2_f32(-e * (_F1 - e) * q)
+    dk_closed = (_F_HALF_CB - _F1 / ac) + e * (_F2 - e) * q
+    z = x * x
+    k_series = z * (((((_CBK6 * z + _CBK5) * z + _CBK4) * z + _CBK3) * z + _CBK2) * z + _CBK1)
+    dk_series = a * (((((_CBD6 * z + _CBD5) * z + _CBD4) * z + _CBD3) * z + _CBD2) * z + _CBD1)
+    small = a < _F1
+    k = k_series if small else k_closed
+    dk = dk_series if small else dk_closed
+    dk = dk if x >= _F0 else -dk  # K' is odd
+    half_t = _F_HALF_CB - t
+    return x * half_t + k, half_t + dk
+
+
+@_vjit
+def _cb_chunk_f32(x, t, dx, t_scale, grad_scale):
+    """Continuous-Bernoulli NLL of a chunk (float32 sum) and its gradient into ``dx`` (one loop)."""
+    acc = _F0
+    for f in range(x.shape[0]):
+        loss, grad = _cb_terms_f32(x[f], np.float32(t[f]) * t_scale)
+        acc += loss
+        dx[f] = grad * grad_scale
+    return acc
+
+
 @_vjit
 def _kl_row_f64(mu, lv, dmu, dlv, kl_scale):
     """-(1 + lv - mu^2 - e^lv) / 2 summed over a row in float64; d/dmu = mu, d/dlv = (e^lv - 1) / 2 into
@@ -304,8 +409,10 @@ def _loss_row_f32(
             dc = dx[g0 + f0 : g0 + f1] if need_grad else scratch[: f1 - f0]
             if recon == RECON_BCE:
                 acc += np.float64(_bce_chunk_f32(xc, tc, dc, tsc, gs))
-            else:
+            elif recon == RECON_MSE:
                 acc += np.float64(_sse_chunk_f32(xc, tc, dc, tsc, gs))
+            else:
+                acc += np.float64(_cb_chunk_f32(xc, tc, dc, tsc, gs))
     rows[0, b] = acc
     kl = 0.0
     if D:
@@ -316,26 +423,65 @@ def _loss_row_f32(
     rows[1, b] = kl
 
 
+# The Gaussian's row is its own function, so that the rows of the other terms are called with the
+# arguments they always had (each array argument costs a reference-count round trip per call).
+# ``w`` is e^(-2s) per feature (length F), ``gconst`` the row's sum of s + 0.5 log(2 pi), ``ds`` the
+# [B, F] d/ds when ``need_ds`` (else empty).  The KL term comes from _loss_row_f32 with no recon.
+@_vjit
+def _gauss_row_f32(
+    b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, need_grad,
+    w, ds, gconst, need_ds,
+):  # fmt: skip
+    _loss_row_f32(
+        b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, RECON_NONE, need_grad
+    )
+    x0, t0, g0 = b * xs, b * ts, b * F
+    scratch = dx if need_grad else _np_empty(min(F, _CHUNK), np.float32)
+    ds_scratch = ds if need_ds else _np_empty(min(F, _CHUNK), np.float32)
+    acc = 0.0
+    for f0 in range(0, F, _CHUNK):
+        f1 = min(f0 + _CHUNK, F)
+        xc, tc = x[x0 + f0 : x0 + f1], t[t0 + f0 : t0 + f1]
+        dc = dx[g0 + f0 : g0 + f1] if need_grad else scratch[: f1 - f0]
+        dsc = ds[g0 + f0 : g0 + f1] if need_ds else ds_scratch[: f1 - f0]
+        acc += np.float64(_gauss_chunk_f32(xc, tc, w[f0:f1], dc, dsc, tsc, gs))
+    rows[0, b] = 0.5 * acc + gconst
+
+
 @_vjit
 def _loss_rows_f32(
-    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
-):
+    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad,
+    w, ds, gconst, need_ds,
+):  # fmt: skip
     """float32 logits (any target dtype; KL in float64 whatever mu/logvar's dtype), on this thread."""
     for b in range(rows.shape[1]):
-        _loss_row_f32(
-            b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
-        )
+        if recon == RECON_GAUSSIAN:
+            _gauss_row_f32(
+                b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, need_grad,
+                w, ds, gconst, need_ds,
+            )  # fmt: skip
+        else:
+            _loss_row_f32(
+                b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
+            )
 
 
 @_vpjit
 def _loss_rows_f32_par(
-    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
-):
+    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad,
+    w, ds, gconst, need_ds,
+):  # fmt: skip
     """The same, rows in parallel: each row is summed by one thread, in the same order."""
     for b in prange(rows.shape[1]):
-        _loss_row_f32(
-            b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
-        )
+        if recon == RECON_GAUSSIAN:
+            _gauss_row_f32(
+                b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, need_grad,
+                w, ds, gconst, need_ds,
+            )  # fmt: skip
+        else:
+            _loss_row_f32(
+                b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
+            )
 
 
 @_vjit
@@ -361,6 +507,42 @@ def _kl_alone_flat(mu, lv, dmu, dlv, rows, D, kl_scale, need_grad):
         rows[1, b] = acc
 
 
+# Continuous Bernoulli in float64, as fastvae.reference: x (1/2 - t) + K(x), K = log(sinh(x/2) / (x/2)),
+# the closed forms from |x| = 1, below it 10 terms of the series in x^2 (truncation < 1e-17 relative).
+_CB_K_F64 = (
+    1 / 24,
+    -1 / 2880,
+    1 / 181440,
+    -1 / 9676800,
+    1 / 479001600,
+    -691 / 15692092416000,
+    1 / 1046139494400,
+    -3617 / 170729965486080000,
+    43867 / 91963695909076992000,
+    -174611 / 16057153253965824000000,
+)
+
+
+@_jit
+def _cb_even_f64(x):
+    """(K(x), K'(x)): K = |x|/2 - log|x| + log1p(-e^-|x|), K' = sign(x) (1/2 - 1/|x| + 1/(e^|x| - 1))."""
+    a = abs(x)
+    if a >= 1.0:
+        em1 = -math.expm1(-a)  # 1 - e^-a
+        k = 0.5 * a - math.log(a) + math.log(em1)
+        dk = 0.5 - 1.0 / a + math.exp(-a) / em1
+    else:
+        z = x * x
+        k = 0.0
+        dk = 0.0
+        for j in range(len(_CB_K_F64) - 1, -1, -1):
+            k = k * z + _CB_K_F64[j]
+            dk = dk * z + 2.0 * (j + 1) * _CB_K_F64[j]
+        k *= z
+        dk *= a
+    return k, (dk if x >= 0 else -dk)
+
+
 # The plain scalar kernel: float64 logits (libm exp/log1p in float64 are as exact as the reference).
 @_jit
 def _loss_row_f64(
@@ -376,12 +558,20 @@ def _loss_row_f64(
             if need_grad:
                 sig = 1.0 / (1.0 + e) if xv >= 0 else e / (1.0 + e)
                 dx[b * F + f] = (sig - tv) * gs
-    elif recon != RECON_NONE:  # squared error: (x - t)^2;  d/dx = 2 (x - t)
+    elif recon == RECON_MSE:  # squared error: (x - t)^2;  d/dx = 2 (x - t)
         for f in range(F):
             diff = np.float64(x[b * xs + f]) - np.float64(t[b * ts + f]) * tsc
             acc += diff * diff
             if need_grad:
                 dx[b * F + f] = 2.0 * diff * gs
+    elif recon == RECON_CB:  # x (1/2 - t) + K(x) = BCE - log C(x);  d/dx = 1/2 - t + K'(x)
+        for f in range(F):
+            xv = np.float64(x[b * xs + f])
+            tv = np.float64(t[b * ts + f]) * tsc
+            k, dk = _cb_even_f64(xv)
+            acc += xv * (0.5 - tv) + k
+            if need_grad:
+                dx[b * F + f] = (0.5 - tv + dk) * gs
     rows[0, b] = acc
     acc = 0.0
     for d in range(D):  # KL: -(1 + lv - mu^2 - e^lv)/2;  d/dmu = mu, d/dlv = (e^lv - 1)/2
@@ -396,23 +586,60 @@ def _loss_row_f64(
 
 
 @_jit
+def _gauss_row_f64(
+    b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, need_grad,
+    w, ds, gconst, need_ds,
+):  # fmt: skip
+    """The Gaussian (see _gauss_row_f32): 0.5 (x - t)^2 w + s + log(2 pi)/2, w = e^-2s;
+    d/dx = (x - t) w, d/ds = 1 - (x - t)^2 w.  The KL term from _loss_row_f64 with no recon."""
+    _loss_row_f64(
+        b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, RECON_NONE, need_grad
+    )
+    acc = 0.0
+    for f in range(F):
+        diff = np.float64(x[b * xs + f]) - np.float64(t[b * ts + f]) * tsc
+        r = diff * w[f]
+        q = diff * r
+        acc += q
+        if need_grad:
+            dx[b * F + f] = r * gs
+            if need_ds:
+                ds[b * F + f] = (1.0 - q) * gs
+    rows[0, b] = 0.5 * acc + gconst
+
+
+@_jit
 def _loss_rows_f64(
-    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
-):
+    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad,
+    w, ds, gconst, need_ds,
+):  # fmt: skip
     for b in range(rows.shape[1]):
-        _loss_row_f64(
-            b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
-        )
+        if recon == RECON_GAUSSIAN:
+            _gauss_row_f64(
+                b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, need_grad,
+                w, ds, gconst, need_ds,
+            )  # fmt: skip
+        else:
+            _loss_row_f64(
+                b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
+            )
 
 
 @_pjit
 def _loss_rows_f64_par(
-    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
-):
+    x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad,
+    w, ds, gconst, need_ds,
+):  # fmt: skip
     for b in prange(rows.shape[1]):
-        _loss_row_f64(
-            b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
-        )
+        if recon == RECON_GAUSSIAN:
+            _gauss_row_f64(
+                b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, need_grad,
+                w, ds, gconst, need_ds,
+            )  # fmt: skip
+        else:
+            _loss_row_f64(
+                b, x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
+            )
 
 
 @_jit
@@ -452,10 +679,13 @@ def _make_loss_entry(X, T, M, G, O, vector: bool):
 
     @_jit
     def entry(
-        xp, tp, mp, lp, dxp, dmp, dlp, outp, B, F, D, xs, ts, ms, ls, recon, reduction, flags, beta, gs, tsc
-    ):
-        # flags: 1 = need_grad, 2 = parallel.  Pointers of absent operands are 0 with length 0.
+        xp, tp, mp, lp, dxp, dmp, dlp, outp, B, F, D, xs, ts, ms, ls, recon, reduction, flags, beta, gs, tsc,
+        sp, L, dsp,
+    ):  # fmt: skip
+        # flags: 1 = need_grad, 2 = parallel, 4 = d/d(log_scale).  Pointers of absent operands are 0 with
+        # length 0.  sp: the Gaussian's L log-scales (L = 1 or F), dsp: its [B, F] gradient.
         need_grad = (flags & 1) != 0
+        need_ds = (flags & 4) != 0
         x = numba.carray(_voidptr(xp), _strided_len(B, F, xs), X)
         t = numba.carray(_voidptr(tp), _strided_len(B, F, ts), T)
         mu = numba.carray(_voidptr(mp), _strided_len(B, D, ms), M)
@@ -464,6 +694,15 @@ def _make_loss_entry(X, T, M, G, O, vector: bool):
         dmu = numba.carray(_voidptr(dmp), B * D if need_grad else 0, M)
         dlv = numba.carray(_voidptr(dlp), B * D if need_grad else 0, M)
         out = numba.carray(_voidptr(outp), 3 * B if reduction == REDUCE_NONE else 3, O)
+        ds = numba.carray(_voidptr(dsp), B * F if need_ds else 0, O)
+        s = numba.carray(_voidptr(sp), L, O)
+        # w = e^(-2s) per feature (read once for all rows); gconst = sum_f s_f + F log(2 pi) / 2.
+        w = _np_empty(F if recon == RECON_GAUSSIAN else 0, G)
+        gconst = 0.0
+        for f in range(w.shape[0]):
+            sf = np.float64(s[f if L > 1 else 0])
+            w[f] = math.exp(-2.0 * sf)
+            gconst += sf + _HALF_LOG_2PI
         rows = _np_empty((2, B))
         kl_scale = beta * gs
         if vector:
@@ -472,21 +711,23 @@ def _make_loss_entry(X, T, M, G, O, vector: bool):
             elif flags & 2:
                 _loss_rows_f32_par(
                     x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale,
-                    np.float32(gs), np.float32(tsc), recon, need_grad,
+                    np.float32(gs), np.float32(tsc), recon, need_grad, w, ds, gconst, need_ds,
                 )  # fmt: skip
             else:
                 _loss_rows_f32(
                     x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale,
-                    np.float32(gs), np.float32(tsc), recon, need_grad,
+                    np.float32(gs), np.float32(tsc), recon, need_grad, w, ds, gconst, need_ds,
                 )  # fmt: skip
         elif flags & 2:
             _loss_rows_f64_par(
-                x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
-            )
+                x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad,
+                w, ds, gconst, need_ds,
+            )  # fmt: skip
         else:
             _loss_rows_f64(
-                x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad
-            )
+                x, t, mu, lv, dx, dmu, dlv, rows, F, D, xs, ts, ms, ls, kl_scale, gs, tsc, recon, need_grad,
+                w, ds, gconst, need_ds,
+            )  # fmt: skip
         _finish(rows, out, reduction, beta, gs if reduction == REDUCE_MEAN else 1.0)
 
     return entry
@@ -536,27 +777,30 @@ def _make_scale_entry(Gd, X, M):
 # Sampler: Philox4x32-10 + Box-Muller, vectorized
 # ----------------------------------------------------------------------------------------------
 #
-# One loop over the counters ``offset + i`` with no branches and no libm calls, which LLVM
-# vectorizes (8 lanes of 64 bits in a zmm register; 4 in ymm):
+# Element counter n = offset + i takes normal n & 3 of Philox counter n >> 2 (tl.randn4x): per block of
+# _EPS_BLOCK elements, one loop over the quads of counters draws 4 normals each into an L1-resident
+# scratch buffer, with no branches and no libm calls, which LLVM vectorizes (8 lanes of 64 bits in a
+# zmm register; 4 in ymm); the elementwise loop then reads the block's eps at (b & 3) + i:
 #
 #   Philox     32-bit words held in uint64 lanes; a round's two 32 x 32 -> 64-bit products are
 #              uint64 multiplies of values whose high halves are known zero (vpmuludq), hi = p >> 32,
-#              lo = p & 0xffffffff; the key schedule is the same for every lane (hoisted).
+#              lo = p & 0xffffffff; the key schedule is the same for every lane (hoisted).  All four
+#              output words are used.
 #   uniforms   Triton's uint_to_uniform_float, bit for bit: the word as int32, negative -> ~x (a
 #              select), to float32, times 4.6566127342e-10 in float32; u1 floored at 1e-7.
 #   log(u1)    u1 = 2^e m (bits of the float32), m in [sqrt(1/2), sqrt(2)), f = m - 1:
 #              log(1 + f) = f - f^2/2 + s (f^2/2 + R(s^2)), s = f / (2 + f) (fdlibm's e_log.c: < 1 ulp)
-#   cos(theta) theta = float32(2 pi u2) in [0, 2 pi): k = round(theta / (pi/2)), r = theta - k pi/2
-#              with pi/2 in two parts (theta - k * PIO2_1 is exact), then +-cos(r) or +-sin(r) by k
-#              (fdlibm's k_cos.c / k_sin.c polynomials on |r| <= pi/4: < 1 ulp)
-#   eps        sqrt(-2 log u1) cos(theta) in float64: a few float64 ulp from fastvae.reference.randn
+#   sin, cos   theta = float32(2 pi u2) in [0, 2 pi): k = round(theta / (pi/2)), r = theta - k pi/2
+#              with pi/2 in two parts (theta - k * PIO2_1 is exact), then cos(r) and sin(r) swapped
+#              and negated by k (fdlibm's k_cos.c / k_sin.c polynomials on |r| <= pi/4: < 1 ulp)
+#   eps        r = sqrt(-2 log u1); (r cos theta, r sin theta) of (u1, u2), then of (u3, u4), in
+#              float64: a few float64 ulp from fastvae.reference.randn
 #   float32    for float32 inputs the same steps run in float32 after the uniforms (FreeBSD logf,
 #              Cephes sinf / cosf / expf polynomials): within 3 float32 ulp of the reference, with
 #              the floating-point part in 8 float32 lanes.
 #
-# The generated code was checked (inspect_asm): the float32 loops do their Philox products as
-# vpmuludq on zmm registers (17 of a draw's 19 products; LLVM leaves 2 as vpmullq), the float64
-# loops the same on ymm, the float32 Box-Muller on ymm (vsqrtps); no calls inside the loops.
+# The generated code was checked (inspect_asm of _sample_span_f32): the Philox products are vpmuludq
+# on zmm registers (19 of them, and 2 vpmullq) and the float32 Box-Muller runs on ymm (vsqrtps).
 #
 # fastmath: only 'contract' (FMA); the compensated sums of the polynomials must not be reassociated.
 
@@ -636,8 +880,8 @@ def _log_f32_arg(u):
 
 
 @_sinline
-def _cos_0_2pi(theta):
-    """cos(theta) in float64 for theta in [0, 2 pi] (quadrant reduction, fdlibm kernels)."""
+def _sincos_0_2pi(theta):
+    """(cos theta, sin theta) in float64 for theta in [0, 2 pi] (quadrant reduction, fdlibm kernels)."""
     k = np.int64(theta * _TWO_OVER_PI + 0.5)  # nearest multiple of pi/2: 0..4
     kf = np.float64(k)
     r = (theta - kf * _PIO2_1) - kf * _PIO2_1T  # |r| <= pi/4; the first difference is exact
@@ -646,8 +890,10 @@ def _cos_0_2pi(theta):
     hz = 0.5 * z
     w = 1.0 - hz
     cos_r = w + (((1.0 - w) - hz) + (z * z) * (_C1 + z * (_C2 + z * (_C3 + z * (_C4 + z * (_C5 + z * _C6))))))
-    v = sin_r if k & 1 else cos_r  # cos(r + k pi/2) = cos r, -sin r, -cos r, sin r
-    return -v if (k + 1) & 2 else v
+    # cos(r + k pi/2) = cos r, -sin r, -cos r, sin r;  sin(r + k pi/2) = sin r, cos r, -sin r, -cos r
+    cv = sin_r if k & 1 else cos_r
+    sv = cos_r if k & 1 else sin_r
+    return (-cv if (k + 1) & 2 else cv), (-sv if k & 2 else sv)
 
 
 @_sinline
@@ -668,16 +914,18 @@ def _log_f32(u):
 
 
 @_sinline
-def _cos_f32(theta):
-    """cos(theta) in float32 for theta in [0, 2 pi] (quadrant reduction, Cephes polynomials)."""
+def _sincos_f32(theta):
+    """(cos theta, sin theta) in float32 for theta in [0, 2 pi] (quadrant reduction, Cephes polynomials)."""
     k = np.int32(theta * _TWO_OVER_PI_F + _F_HALF)  # nearest multiple of pi/2: 0..4
     kf = np.float32(k)
     r = ((theta - kf * _PIO2_A) - kf * _PIO2_B) - kf * _PIO2_C  # |r| <= pi/4; the first step is exact
     z = r * r
     sin_r = ((_SF3 * z + _SF2) * z + _SF1) * z * r + r
     cos_r = ((_CF3 * z + _CF2) * z + _CF1) * z * z - _F_HALF * z + _F_ONE
-    v = sin_r if k & 1 else cos_r  # cos(r + k pi/2) = cos r, -sin r, -cos r, sin r
-    return -v if (k + 1) & 2 else v
+    # cos(r + k pi/2) = cos r, -sin r, -cos r, sin r;  sin(r + k pi/2) = sin r, cos r, -sin r, -cos r
+    cv = sin_r if k & 1 else cos_r
+    sv = cos_r if k & 1 else sin_r
+    return (-cv if (k + 1) & 2 else cv), (-sv if k & 2 else sv)
 
 
 @_sinline
@@ -702,8 +950,8 @@ def _exp_f32(v):
 
 
 @_sinline
-def _philox_words(k0, k1, counter):
-    """The first two words of Philox4x32-10 keyed (k0, k1) at the counter (lo, hi, 0, 0)."""
+def _philox4(k0, k1, counter):
+    """The four words of Philox4x32-10 keyed (k0, k1) at the counter (lo, hi, 0, 0)."""
     k0 = k0 & _M32  # known 32-bit values: every product is a 32 x 32 -> 64-bit vpmuludq, no vpmullq
     k1 = k1 & _M32
     c0 = counter & _M32
@@ -719,89 +967,150 @@ def _philox_words(k0, k1, counter):
         c3 = prod_a & _M32
         k0 = (k0 + _KEY_A) & _M32
         k1 = (k1 + _KEY_B) & _M32
-    return c0, c1
+    return c0, c1, c2, c3
 
 
 @_sinline
-def _randn(k0, k1, counter):
-    """``tl.randn`` at one 64-bit counter: Philox4x32-10 on (lo, hi, 0, 0), Box-Muller, float64."""
-    c0, c1 = _philox_words(k0, k1, counter)
-    u1 = _uniform(c0)
+def _box_muller(wa, wb):
+    """Triton's pair_uniform_to_normal of two Philox words in float64 after the float32 uniforms:
+    u1 = max(1e-7, u_a), theta = float32(2 pi) u_b, r = sqrt(-2 log u1); (r cos theta, r sin theta)."""
+    u1 = _uniform(wa)
     u1 = u1 if u1 > _U1_FLOOR else _U1_FLOOR
-    theta = np.float64(_TWO_PI_F32 * _uniform(c1))  # a float32 product, as in the kernel
-    return math.sqrt(-2.0 * _log_f32_arg(u1)) * _cos_0_2pi(theta)
+    theta = np.float64(_TWO_PI_F32 * _uniform(wb))  # a float32 product, as in the kernel
+    r = math.sqrt(-2.0 * _log_f32_arg(u1))
+    c, s = _sincos_0_2pi(theta)
+    return r * c, r * s
 
 
 @_sinline
-def _randn_f32(k0, k1, counter):
+def _box_muller_f32(wa, wb):
     """The same in float32 after the (identical) float32 uniforms: a few float32 ulp."""
-    c0, c1 = _philox_words(k0, k1, counter)
-    u1 = _uniform(c0)
+    u1 = _uniform(wa)
     u1 = u1 if u1 > _U1_FLOOR else _U1_FLOOR
-    theta = _TWO_PI_F32 * _uniform(c1)
-    return np.sqrt(_F_M2 * _log_f32(u1)) * _cos_f32(theta)
+    r = np.sqrt(_F_M2 * _log_f32(u1))
+    c, s = _sincos_f32(_TWO_PI_F32 * _uniform(wb))
+    return r * c, r * s
+
+
+@_sinline
+def _fill_eps(scr, k0, k1, first):
+    """``scr[4 q + l]`` = normal l of ``tl.randn4x(key, first + q)``, float64 Box-Muller: one Philox call
+    and two Box-Mullers (r cos, r sin of (u1, u2), then of (u3, u4)) per 4 normals."""
+    for q in range(scr.shape[0] // 4):
+        w1, w2, w3, w4 = _philox4(k0, k1, first + np.uint64(q))
+        n1, n2 = _box_muller(w1, w2)
+        n3, n4 = _box_muller(w3, w4)
+        scr[4 * q] = n1
+        scr[4 * q + 1] = n2
+        scr[4 * q + 2] = n3
+        scr[4 * q + 3] = n4
+
+
+@_sinline
+def _fill_eps_f32(scr, k0, k1, first):
+    """The same in float32 arithmetic after the uniforms."""
+    for q in range(scr.shape[0] // 4):
+        w1, w2, w3, w4 = _philox4(k0, k1, first + np.uint64(q))
+        n1, n2 = _box_muller_f32(w1, w2)
+        n3, n4 = _box_muller_f32(w3, w4)
+        scr[4 * q] = n1
+        scr[4 * q + 1] = n2
+        scr[4 * q + 2] = n3
+        scr[4 * q + 3] = n4
 
 
 # What a sampling span computes (``mode``); 2 and 3 are the eps memo's (see _memo below).
 _Z, _DLOGVAR, _Z_KEEP, _DLOGVAR_KEPT = 0, 1, 2, 3
+# Elements whose eps one fill draws into a scratch buffer (4 or 8 KiB: stays in L1) before the
+# elementwise loop reads them.
+_EPS_BLOCK = 1024
 
 
 @_sjit
 def _sample_span_f32(a, lv, out, kept, k0, k1, base, mode):
-    """float32 arrays, float32 arithmetic, ``eps = randn(key, base + i)``, ``std = exp(lv[i] / 2)``:
+    """float32 arrays, float32 arithmetic, ``eps[i] = randn(key, base + i)``, ``std = exp(lv[i] / 2)``:
 
     _Z             z = a + std eps (a = mu)                    12 bytes an element moved
     _DLOGVAR       dlogvar = a std eps / 2 (a = dz)            12 bytes
     _Z_KEEP        z, and kept[i] = eps                        16 bytes
     _DLOGVAR_KEPT  dlogvar with eps = kept[i]: no Philox       16 bytes
+
+    Element counter n = base + i is normal n & 3 of Philox counter n >> 2: per block of _EPS_BLOCK
+    elements starting at counter b, the quads from b >> 2 are drawn into ``scr`` (4 normals each) and
+    element i of the block reads ``scr[(b & 3) + i]``.
     """
     n = out.shape[0]
-    if mode == _Z:
-        for i in range(n):
-            out[i] = a[i] + _exp_f32(_F_HALF * lv[i]) * _randn_f32(k0, k1, base + np.uint64(i))
-    elif mode == _DLOGVAR:
-        for i in range(n):
-            out[i] = _F_HALF * a[i] * _exp_f32(_F_HALF * lv[i]) * _randn_f32(k0, k1, base + np.uint64(i))
-    elif mode == _Z_KEEP:
-        for i in range(n):
-            eps = _randn_f32(k0, k1, base + np.uint64(i))
-            kept[i] = eps
-            out[i] = a[i] + _exp_f32(_F_HALF * lv[i]) * eps
-    else:
+    if mode == _DLOGVAR_KEPT:
         for i in range(n):
             out[i] = _F_HALF * a[i] * _exp_f32(_F_HALF * lv[i]) * kept[i]
+        return
+    scr = _np_empty(_EPS_BLOCK + 4, np.float32)
+    for s in range(0, n, _EPS_BLOCK):
+        m = min(n - s, _EPS_BLOCK)
+        b = base + np.uint64(s)
+        shift = np.int64(b & np.uint64(3))
+        _fill_eps_f32(scr[: (m + shift + 3) & ~3], k0, k1, b >> np.uint64(2))
+        if mode == _Z:
+            for i in range(m):
+                out[s + i] = a[s + i] + _exp_f32(_F_HALF * lv[s + i]) * scr[shift + i]
+        elif mode == _DLOGVAR:
+            for i in range(m):
+                out[s + i] = _F_HALF * a[s + i] * _exp_f32(_F_HALF * lv[s + i]) * scr[shift + i]
+        else:
+            for i in range(m):
+                eps = scr[shift + i]
+                kept[s + i] = eps
+                out[s + i] = a[s + i] + _exp_f32(_F_HALF * lv[s + i]) * eps
 
 
 @_sjit
 def _sample_span(a, lv, out, kept, k0, k1, base, mode):
     """The same for float64 arrays, in float64 arithmetic after the float32 uniforms (twice the bytes)."""
     n = out.shape[0]
-    if mode == _Z:
-        for i in range(n):
-            out[i] = a[i] + _exp_f64(0.5 * lv[i]) * _randn(k0, k1, base + np.uint64(i))
-    elif mode == _DLOGVAR:
-        for i in range(n):
-            out[i] = 0.5 * a[i] * _exp_f64(0.5 * lv[i]) * _randn(k0, k1, base + np.uint64(i))
-    elif mode == _Z_KEEP:
-        for i in range(n):
-            eps = _randn(k0, k1, base + np.uint64(i))
-            kept[i] = eps
-            out[i] = a[i] + _exp_f64(0.5 * lv[i]) * eps
-    else:
+    if mode == _DLOGVAR_KEPT:
         for i in range(n):
             out[i] = 0.5 * a[i] * _exp_f64(0.5 * lv[i]) * kept[i]
+        return
+    scr = _np_empty(_EPS_BLOCK + 4, np.float64)
+    for s in range(0, n, _EPS_BLOCK):
+        m = min(n - s, _EPS_BLOCK)
+        b = base + np.uint64(s)
+        shift = np.int64(b & np.uint64(3))
+        _fill_eps(scr[: (m + shift + 3) & ~3], k0, k1, b >> np.uint64(2))
+        if mode == _Z:
+            for i in range(m):
+                out[s + i] = a[s + i] + _exp_f64(0.5 * lv[s + i]) * scr[shift + i]
+        elif mode == _DLOGVAR:
+            for i in range(m):
+                out[s + i] = 0.5 * a[s + i] * _exp_f64(0.5 * lv[s + i]) * scr[shift + i]
+        else:
+            for i in range(m):
+                eps = scr[shift + i]
+                kept[s + i] = eps
+                out[s + i] = a[s + i] + _exp_f64(0.5 * lv[s + i]) * eps
 
 
 @_sjit
 def _eps_span(u1, u2, eps, eps32, k0, k1, base):
-    """The sampler alone (tests, benchmarks): the uniform pair and eps (float64 and float32 arithmetic)
-    of each counter ``base + i``."""
-    for i in range(eps.shape[0]):
-        c0, c1 = _philox_words(k0, k1, base + np.uint64(i))
-        u1[i] = _uniform(c0)
-        u2[i] = _uniform(c1)
-        eps[i] = _randn(k0, k1, base + np.uint64(i))
-        eps32[i] = _randn_f32(k0, k1, base + np.uint64(i))
+    """The sampler alone (tests, benchmarks), at the element counters ``n = base + i``: the uniform pair
+    of each element's Box-Muller (u1, u2 of Philox counter n >> 2 for lanes n & 3 = 0, 1; u3, u4 for
+    2, 3), and eps in float64 and float32 arithmetic through the sampler's own fills."""
+    n = eps.shape[0]
+    for i in range(n):
+        c = base + np.uint64(i)
+        w1, w2, w3, w4 = _philox4(k0, k1, c >> np.uint64(2))
+        second = (c & np.uint64(2)) != _U0
+        u1[i] = _uniform(w3 if second else w1)
+        u2[i] = _uniform(w4 if second else w2)
+    shift = np.int64(base & np.uint64(3))
+    size = (n + shift + 3) & ~3
+    scr = _np_empty(size, np.float64)
+    scr32 = _np_empty(size, np.float32)
+    _fill_eps(scr, k0, k1, base >> np.uint64(2))
+    _fill_eps_f32(scr32, k0, k1, base >> np.uint64(2))
+    for i in range(n):
+        eps[i] = scr[shift + i]
+        eps32[i] = scr32[shift + i]
 
 
 @_jit
@@ -908,16 +1217,32 @@ def fused_loss(
     target: torch.Tensor | None,
     mu: torch.Tensor | None,
     logvar: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, recon, kl, dlogits, dmu, dlogvar)`` of ``recon(logits, target) + beta * KL(mu, logvar)``.
+    log_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, recon, kl, dlogits, dmu, dlogvar, dlog_scale)`` of ``recon(logits, target) + beta * KL``.
 
-    Per row: BCE ``max(x, 0) - x t + log1p(e^-|x|)`` (d/dx = sigmoid(x) - t) or squared error
-    ``(x - t)^2`` (d/dx = 2 (x - t)); KL ``-(1 + lv - mu^2 - e^lv) / 2`` (d/dmu = mu,
-    d/dlv = (e^lv - 1) / 2); gradients times ``p.grad_scale`` (KL's times ``beta`` too).  One pass
-    reads logits, target, mu, logvar once and writes the gradients once; the losses are one buffer
-    of 3 (or 3 x B) values in ``p.acc``.  See :class:`fastvae.backend.Backend`.
+    Per element: BCE ``max(x, 0) - x t + log1p(e^-|x|)`` (d/dx = sigmoid(x) - t); squared error
+    ``(x - t)^2`` (d/dx = 2 (x - t)); Gaussian ``0.5 (x - t)^2 e^(-2s) + s + 0.5 log(2 pi)``
+    (d/dx = (x - t) e^(-2s), d/ds = 1 - (x - t)^2 e^(-2s)); continuous Bernoulli BCE ``- log C(x)``,
+    ``log C(x) = log(x / tanh(x / 2))`` (d/dx = sigmoid(x) - t - (1/x - 1/sinh(x))); KL
+    ``-(1 + lv - mu^2 - e^lv) / 2`` (d/dmu = mu, d/dlv = (e^lv - 1) / 2); gradients times
+    ``p.grad_scale`` (KL's times ``beta`` too).  One pass reads logits, target, mu, logvar once and
+    writes the gradients once (and the [B, F] d/ds in ``p.acc`` when ``p.need_grad and p.scale_grad``);
+    the losses are one buffer of 3 (or 3 x B) values in ``p.acc``.  See :class:`fastvae.backend.Backend`.
     """
     B, F, D = p.B, p.F, p.D
+    sp = L = 0
+    s = None
+    if p.recon == RECON_GAUSSIAN:
+        if log_scale is None or log_scale.dim() != 1 or log_scale.numel() not in (1, F):
+            got = None if log_scale is None else tuple(log_scale.shape)
+            raise ValueError(f"log_scale must be a 1-D tensor of 1 or F = {F} elements, got {got}")
+        s = log_scale.to(p.acc).contiguous()  # a no-op for what fastvae.ops passes
+        sp, L = s.data_ptr(), s.numel()
+    elif log_scale is not None:
+        raise ValueError(
+            f"log_scale is only read by the Gaussian (recon {RECON_GAUSSIAN}), got recon {p.recon}"
+        )
     if F:
         x = logits if logits.dtype in _NATIVE else logits.float()
         t = target if target.dtype in _TARGETS else target.float()
@@ -941,6 +1266,8 @@ def fused_loss(
     dx = torch.empty((B, F), dtype=X) if need and F else None
     dmu = torch.empty((B, D), dtype=M) if need and D else None
     dlv = torch.empty((B, D), dtype=M) if need and D else None
+    need_ds = need and p.scale_grad and s is not None
+    dls = torch.empty((B, F) if need_ds else 0, dtype=p.acc)
     none = p.reduction == REDUCE_NONE
     out = torch.empty(3 * B if none else 3, dtype=p.acc)
     key = (X, T, M, p.acc)
@@ -956,7 +1283,8 @@ def fused_loss(
         dmu.data_ptr() if dmu is not None else 0,
         dlv.data_ptr() if dlv is not None else 0,
         out.data_ptr(), B, F, D, xs, ts, ms, ls, p.recon, p.reduction,
-        (1 if need else 0) | (2 if parallel else 0), p.beta, p.grad_scale, tsc,
+        (1 if need else 0) | (2 if parallel else 0) | (4 if need_ds else 0), p.beta, p.grad_scale, tsc,
+        sp, L, dls.data_ptr() if need_ds else 0,
     )  # fmt: skip
     loss, rec, kl = out.view(3, B).unbind(0) if none else out.unbind(0)
     # Gradients in their operand's dtype (fp16 / bf16 were computed in float32), or empty.
@@ -966,7 +1294,7 @@ def fused_loss(
         dmu, dlv = torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype)
     elif M != mu.dtype or M != logvar.dtype:
         dmu, dlv = dmu.to(mu.dtype), dlv.to(logvar.dtype)
-    return loss, rec, kl, dx, dmu, dlv
+    return loss, rec, kl, dx, dmu, dlv, dls
 
 
 def scale_grads_(grad: torch.Tensor, dlogits: torch.Tensor, dmu: torch.Tensor, dlogvar: torch.Tensor) -> None:

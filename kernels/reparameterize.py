@@ -1,12 +1,13 @@
 """Reparameterization sample in one pass: ``z = mu + exp(logvar / 2) * eps``, ``eps ~ N(0, 1)``.
 
-``eps`` never exists in memory: element i draws ``eps[i] = randn(key, offset + i)`` from
-Philox4x32-10 (``tl.randn``'s mapping: the first two 32-bit words as uniforms, one Box-Muller normal,
-with a short-range cosine instead of libdevice ``cosf``), keyed by
-the 64-bit ``key`` and counted by the int64 ``offset + i``, so the draw depends on neither the block
-size nor the grid, and the backward regenerates it instead of loading it.  ``key`` is a Python int
-(an explicit seed, passed by value) or a 1-element int64 tensor that the kernel loads: the host never
-reads it, so a replayed CUDA graph draws with whatever key the device holds at replay time.
+``eps`` never exists in memory: element i draws ``eps[i] = randn(key, n)``, n = ``offset + i``, normal
+``n & 3`` of ``tl.randn4x(key, n >> 2)``: one Philox4x32-10 call (keyed by the 64-bit ``key``, int64
+counter ``n >> 2``) gives four words, Box-Muller on words (1, 2) and (3, 4) gives (r cos, r sin) twice
+(with a short-range sine and cosine instead of libdevice's), so four elements share a call.  The draw
+depends on neither the block size nor the grid, and the backward regenerates it instead of loading it.
+``key`` is a Python int (an explicit seed, passed by value) or a 1-element int64 tensor that the kernel
+loads: the host never reads it, so a replayed CUDA graph draws with whatever key the device holds at
+replay time.
 
 Bytes (N elements, s bytes each):
     forward   reads mu, logvar          writes z         = 3 N s
@@ -30,23 +31,32 @@ __all__ = ["reparameterize", "reparameterize_backward"]
 
 BLOCK = 1024  # 8 elements a thread at 4 warps: two 128-bit loads of fp32 per operand.
 NUM_WARPS = 4
-MAXNREG = 64  # 8 Philox streams a thread want 68 registers; 64 (no spill) keeps 50% occupancy on sm_90
+MAXNREG = 64  # a cap, never binding now (2 Philox calls a thread: 39-48 registers, >= 62% occupancy on
+# sm_90): a change that needs more gets a spill, which tests/test_aot_sm90.py refuses
 
 
 @triton.jit
-def _cos_0_2pi(theta):
-    """cos(theta) for float32 theta in [0, 2 pi] (2 pi u for a uniform u), within 1.5 ulp of cos(theta).
+def _sincos_0_2pi(theta):
+    """(cos(theta), sin(theta)) for float32 theta in [0, 2 pi] (2 pi u for a uniform u), each within
+    1.5 ulp.
 
-    j = rint(theta / (pi / 2)) in {0, ..., 4}; y = theta - j pi / 2 by Cody-Waite: fma(-j, PIO2_HI,
-    theta) is exact (the exact difference is a multiple of 2^-23 below 1), then the low part of pi / 2;
-    |y| <= pi / 4.  cos(theta) = cos(y), -sin(y), -cos(y), sin(y) for j mod 4 = 0, 1, 2, 3, with the
-    Cephes minimax polynomials of cosf / sinf on [-pi / 4, pi / 4].  Straight-line code (about 20
-    instructions): no libdevice cosf, whose slow path for large arguments (never taken here) puts a
-    32-byte stack in the kernel under Triton 3.6.
+    j = rint(theta / (pi / 2)) in {0, ..., 4}; y = theta - j pi / 2 by a three-part Cody-Waite:
+    fma(-j, P1, theta) is exact (the exact difference is a multiple of 2^-23 below 1), then the two
+    lower parts of pi / 2, so y keeps its relative accuracy next to the zeros of sin and cos;
+    |y| <= pi / 4.  With q = j mod 4, cos(theta) = cos(y), -sin(y), -cos(y), sin(y) and sin(theta) =
+    sin(y), cos(y), -sin(y), -cos(y) for q = 0, 1, 2, 3: one reduction and the Cephes minimax
+    polynomials of cosf / sinf on [-pi / 4, pi / 4] serve both.  Straight-line code: no libdevice
+    cosf / sinf, whose slow path for large arguments (never taken here) puts a 32-byte stack in the
+    kernel under Triton 3.6.
     """
-    j = tl.floor(theta * 0.6366197723675814 + 0.5)
-    y = tl.fma(j, -1.5707963705062866, theta)  # PIO2_HI = float32(pi / 2)
-    y = tl.fma(j, 4.371139000186243e-08, y)  # PIO2_LO = pi / 2 - PIO2_HI, negated
+    # shifted = 1.5 2^23 + j: adding 1.5 2^23 rounds theta 2 / pi to the integer j in the low mantissa
+    # bits (no FRND / F2I); j mod 4 is the low two bits.
+    shifted = tl.fma(theta, 0.6366197723675814, 12582912.0)
+    bits = shifted.to(tl.int32, bitcast=True)
+    j = shifted - 12582912.0
+    y = tl.fma(j, -1.5707963705062866, theta)  # P1 = float32(pi / 2): exact
+    y = tl.fma(j, 4.371138828673793e-08, y)  # P2 = float32(pi / 2 - P1), negated
+    y = tl.fma(j, 1.7151245100058819e-15, y)  # P3 = float32(pi / 2 - P1 - P2), negated
     z = y * y
     c = tl.fma(z, 2.443315711809948e-5, -1.388731625493765e-3)
     c = tl.fma(z, c, 4.166664568298827e-2)
@@ -55,14 +65,20 @@ def _cos_0_2pi(theta):
     s = tl.fma(z, -1.9515295891e-4, 8.3321608736e-3)
     s = tl.fma(z, s, -1.6666654611e-1)
     s = tl.fma(y * z, s, y)
-    q = j.to(tl.int32) & 3
-    v = tl.where((q & 1) == 1, s, c)
-    return tl.where((q == 1) | (q == 2), -v, v)
+    odd = (bits & 1) != 0
+    cv = tl.where(odd, s, c)
+    sv = tl.where(odd, c, s)
+    # signs as bit 31: cos is negated for j mod 4 in {1, 2} (bit 1 of j + 1), sin for {2, 3} (bit 1 of j)
+    cos_sign = ((bits + 1) << 30) & -(2**31)
+    sin_sign = (bits << 30) & -(2**31)
+    cos_t = (cv.to(tl.int32, bitcast=True) ^ cos_sign).to(tl.float32, bitcast=True)
+    sin_t = (sv.to(tl.int32, bitcast=True) ^ sin_sign).to(tl.float32, bitcast=True)
+    return cos_t, sin_t
 
 
 @triton.jit
-def _philox_first_two_words(seed, counter):
-    """Words 0 and 1 of Philox4x32-10 with key (seed_lo, seed_hi) and counter (lo, hi, 0, 0): the same
+def _philox4x32_10(seed, counter):
+    """The four words of Philox4x32-10 with key (seed_lo, seed_hi) and counter (lo, hi, 0, 0): the same
     numbers as ``tl.randint4x``.  Each round's two 32 x 32-bit products are taken as one 64-bit product
     (hi and lo from one IMAD.WIDE.U32) instead of ``umulhi`` plus a separate low multiply."""
     seed = seed.to(tl.uint64)
@@ -81,22 +97,58 @@ def _philox_first_two_words(seed, counter):
         c3 = pa.to(tl.uint32)
         k0 = (k0.to(tl.uint64) + 0x9E3779B9).to(tl.uint32)
         k1 = (k1.to(tl.uint64) + 0xBB67AE85).to(tl.uint32)
-    return c0, c1
+    return c0, c1, c2, c3
 
 
 @triton.jit
-def _randn(seed, counter):
-    """``tl.randn(seed, counter)`` with a short-range cosine: the same Philox4x32-10 words and uniforms
-    bit for bit, u1 = max(1e-7, u1), theta = float32(2 pi) u2, n = sqrt(-2 log u1) cos(theta)."""
-    w1, w2 = _philox_first_two_words(seed, counter)
-    # Triton's uint_to_uniform_float for 32-bit words: int32 x -> (x < 0 ? ~x : x) * 4.6566127342e-10.
-    x1 = w1.to(tl.int32, bitcast=True)
-    x2 = w2.to(tl.int32, bitcast=True)
-    u1 = tl.where(x1 < 0, ~x1, x1).to(tl.float32) * 4.6566127342e-10
-    u2 = tl.where(x2 < 0, ~x2, x2).to(tl.float32) * 4.6566127342e-10
-    u1 = tl.maximum(1.0e-7, u1)
-    theta = 6.283185307179586 * u2
-    return tl.sqrt(-2.0 * tl.log(u1)) * _cos_0_2pi(theta)
+def _uniform(w):
+    """Triton's uint_to_uniform_float for 32-bit words: int32 x -> (x < 0 ? ~x : x) * 4.6566127342e-10."""
+    x = w.to(tl.int32, bitcast=True)
+    return tl.where(x < 0, ~x, x).to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _log_unit(u):
+    """log(u) for float32 u in [1e-7, 1] (positive, normal, finite): libdevice logf's reduction and
+    polynomial (within 1 ulp) without its branches for 0, negatives, inf and NaN, which never occur.
+
+    e = (bits(u) - bits(2/3)) & exponent mask, so m = u / 2^e lies in [2/3, 4/3) (integer subtraction
+    on the bits: exact) and f = m - 1 is exact; log(u) = e ln2 + f + f^2 P(f) with P the minimax
+    polynomial of degree 8 (Horner, 9 FFMA).  e ln2 is one FFMA: float(e bits) * (ln2 2^-23)."""
+    ub = u.to(tl.int32, bitcast=True)
+    e = (ub - 0x3F2AAAAB) & -8388608  # 0xff800000: the exponent field of u / m
+    f = (ub - e).to(tl.float32, bitcast=True) - 1.0
+    p = tl.fma(f, -0.13018856942653656, 0.14084610342979431)
+    p = tl.fma(f, p, -0.12148627638816833)
+    p = tl.fma(f, p, 0.13980610668659210)
+    p = tl.fma(f, p, -0.16684235632419586)
+    p = tl.fma(f, p, 0.20012299716472626)
+    p = tl.fma(f, p, -0.24999669194221497)
+    p = tl.fma(f, p, 0.33333182334899902)
+    p = tl.fma(f, p, -0.5)
+    r = tl.fma(f, f * p, f)
+    return tl.fma(e.to(tl.float32), 8.262958317573066e-08, r)  # float32(ln2) 2^-23: exact scaling
+
+
+@triton.jit
+def _box_muller(w1, w2):
+    """Triton's pair_uniform_to_normal with a short-range sine and cosine: u1 = max(1e-7, u1),
+    theta = float32(2 pi) u2, r = sqrt(-2 log u1); returns (r cos(theta), r sin(theta))."""
+    u1 = tl.maximum(1.0e-7, _uniform(w1))
+    theta = 6.283185307179586 * _uniform(w2)
+    r = tl.sqrt(-2.0 * _log_unit(u1))
+    c, s = _sincos_0_2pi(theta)
+    return r * c, r * s
+
+
+@triton.jit
+def _randn4(seed, counter):
+    """``tl.randn4x(seed, counter)``: the same Philox4x32-10 words and uniforms bit for bit, Box-Muller on
+    (u1, u2) -> (n1, n2) and on (u3, u4) -> (n3, n4)."""
+    w1, w2, w3, w4 = _philox4x32_10(seed, counter)
+    n1, n2 = _box_muller(w1, w2)
+    n3, n4 = _box_muller(w3, w4)
+    return n1, n2, n3, n4
 
 
 @triton.jit(do_not_specialize=["key", "offset"])
@@ -110,12 +162,21 @@ def reparameterize_kernel(
     BACKWARD: tl.constexpr,
     KEY_IS_PTR: tl.constexpr,
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 inputs
+    SHIFT: tl.constexpr,  # offset & 3
     BLOCK: tl.constexpr,
 ):
-    """forward: out = a + exp(lv / 2) eps;  backward: out = d z/d lv * dz = 0.5 a exp(lv / 2) eps."""
+    """forward: out = a + exp(lv / 2) eps;  backward: out = d z/d lv * dz = 0.5 a exp(lv / 2) eps.
+
+    eps[i] = randn4x(key, n >> 2)[n & 3] for n = offset + i.  The program covers the BLOCK counters
+    4 (offset >> 2) + v, v = pid BLOCK + [0, BLOCK), i.e. the elements i = v - SHIFT: one Philox call
+    and two Box-Mullers for each of its BLOCK / 4 quads, interleaved into BLOCK normals."""
+    QUADS: tl.constexpr = BLOCK // 4
+    pid = tl.program_id(0).to(tl.int64)
     # int64 indices: the counter of the RNG and the address, correct past 2**31 elements.
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    idx = pid * BLOCK + tl.arange(0, BLOCK) - SHIFT
     mask = idx < n_elements
+    if SHIFT != 0:
+        mask = mask & (idx >= 0)
     if KEY_IS_PTR:
         seed = tl.load(key)
     else:
@@ -127,7 +188,24 @@ def reparameterize_kernel(
     else:
         # exp(lv / 2) = 2^(lv log2(e) / 2): one FMUL and one MUFU.EX2, relative error 2 ulp + |lv| 2^-25
         std = tl.exp2(logvar * 0.7213475204444817)
-    eps = _randn(seed, idx + offset).to(COMPUTE)
+    # Counter of the program's first quad: (pid BLOCK + offset) >> 2 = pid QUADS + (offset >> 2), shifted
+    # as an int64 (offset alone may be typed uint32 by the JIT).
+    first = (pid * BLOCK + offset) >> 2
+    if a_ptr.dtype.element_ty.primitive_bitwidth == 16:
+        # 16-bit operands move 8 elements (two quads) per 128-bit access: draw the even and the odd quads
+        # as two tiles so a thread's two consecutive quads are its own, [h, k, l, m] = quad 2 h + k,
+        # normal 2 l + m; no layout conversion through shared memory before the loads' layout.
+        pair = first + 2 * tl.arange(0, QUADS // 2)
+        e1, e2, e3, e4 = _randn4(seed, pair)
+        o1, o2, o3, o4 = _randn4(seed, pair + 1)
+        cos_half = tl.join(tl.join(e1, o1), tl.join(e3, o3))
+        sin_half = tl.join(tl.join(e2, o2), tl.join(e4, o4))
+    else:
+        # [q, l, m] = normal 2 l + m of quad q: flattened n1, n2, n3, n4 of quad 0, then quad 1, ...
+        n1, n2, n3, n4 = _randn4(seed, first + tl.arange(0, QUADS))
+        cos_half = tl.join(n1, n3)
+        sin_half = tl.join(n2, n4)
+    eps = tl.reshape(tl.join(cos_half, sin_half), [BLOCK]).to(COMPUTE)
     if BACKWARD:
         out = 0.5 * a.to(COMPUTE) * std * eps
     else:
@@ -145,18 +223,19 @@ def _launch(a: Tensor, logvar: Tensor, key: Key, offset: int, backward: bool) ->
     if n == 0:
         return out
     key_is_ptr = isinstance(key, Tensor)
-    cfg = (n, a.dtype, backward, key_is_ptr)
+    shift = offset & 3
+    cfg = (n, a.dtype, backward, key_is_ptr, shift)
     launch = _LAUNCH.get(cfg)
     if launch is None:
         fp64 = a.dtype == torch.float64
         # float64 (gradcheck): half the elements a thread and no register cap, so nothing spills.
         block = BLOCK // 2 if fp64 else BLOCK
-        kw = dict(BACKWARD=backward, KEY_IS_PTR=key_is_ptr, BLOCK=block, num_warps=NUM_WARPS)
+        kw = dict(BACKWARD=backward, KEY_IS_PTR=key_is_ptr, SHIFT=shift, BLOCK=block, num_warps=NUM_WARPS)
         if fp64:
             kw["COMPUTE"] = tl.float64
         else:
             kw.update(COMPUTE=tl.float32, maxnreg=MAXNREG)
-        launch = _LAUNCH[cfg] = Launcher(reparameterize_kernel, ((n + block - 1) // block,), kw)
+        launch = _LAUNCH[cfg] = Launcher(reparameterize_kernel, ((n + shift + block - 1) // block,), kw)
     launch(a, logvar, out, key, offset, n)
     return out
 

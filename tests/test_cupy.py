@@ -714,8 +714,8 @@ def _ulps(got, want):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("shape", LATENT_SHAPES, ids=str)
 def test_eps_matches_reference_normals(poison, shape, seed, offset):
-    """mu = 0, logvar = 0 gives z = eps exactly: Triton's tl.randn(seed, offset + flat index) within
-    4 ulp.
+    """mu = 0, logvar = 0 gives z = eps exactly: randn4x(seed, n >> 2)[n & 3], n = offset + flat
+    index, within 4 ulp.
 
     (The uniforms are bit-exact on the host harness, tests/test_cuda_sources.py, from the same
     header; on the device only logf can round differently.)

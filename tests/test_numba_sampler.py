@@ -1,7 +1,8 @@
 """The Numba CPU sampler (``reparameterize`` / ``reparameterize_backward``) against the float64 reference.
 
-Covers the vectorized Philox4x32-10 + Box-Muller of ``kernels/numba_cpu.py``: the uniforms bit for bit
-against ``reference.uniform_pair`` (counters above 2^32, offsets > 0, keys above 2^63), the normals
+Covers the vectorized Philox4x32-10 + Box-Muller of ``kernels/numba_cpu.py`` (four normals a Philox
+call): the uniforms bit for bit against ``reference.uniform_pair`` (counters above 2^32, offsets in
+every phase mod 4, keys above 2^63), the normals
 within a few float64 ulp of ``reference.randn``, keys as ints and as tensors the host never reads,
 z and dlogvar in every dtype over awkward shapes, serial and parallel paths bit for bit, poisoned
 outputs and the errors on bad arguments.
@@ -22,7 +23,9 @@ from fastvae import reference as ref
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 SHAPES = ((1,), (7,), (3, 5), (1000, 129), (5, 1, 28, 28), (0, 4))
 KEYS = (0, 1, 0x1234_5678_9ABC, 2**63 + 12345, 2**64 - 1)
+# (offset, n): offsets in every phase mod 4 (the lane of the first element in its Philox call)
 COUNTERS = ((0, 4099), (2**32 - 2000, 4001), (2**40 + 3, 1025), (2**62 + 17, 513))
+COUNTERS += ((2, 1), (2**32 - 3, 9), (5, 4))
 
 
 @pytest.mark.parametrize("key", KEYS)

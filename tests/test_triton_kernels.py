@@ -11,22 +11,35 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import device_only_key, rel_err, to_np
 from fastvae.kernels import fused_loss as fl
 from fastvae.kernels import reparameterize as rp
 
 from fastvae import reference
-from fastvae.backend import RECON_BCE, RECON_MSE, RECON_NONE, RECONS, REDUCTIONS, LossProblem
+from fastvae.backend import (
+    RECON_BCE,
+    RECON_CB,
+    RECON_GAUSSIAN,
+    RECON_MSE,
+    RECON_NONE,
+    RECONS,
+    REDUCTIONS,
+    LossProblem,
+)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 NAMES = {v: k for k, v in RECONS.items()}
 RED_NAMES = {v: k for k, v in REDUCTIONS.items()}
 
 
-def _problem(B, F, D, recon, reduction, beta=0.7, need_grad=True, dtype=torch.float32) -> LossProblem:
+def _problem(
+    B, F, D, recon, reduction, beta=0.7, need_grad=True, dtype=torch.float32, scale_grad=False
+) -> LossProblem:
     grad_scale = 1.0 / B if reduction == REDUCTIONS["mean"] and B else 1.0
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return LossProblem(B, F, D, recon, reduction, beta, grad_scale, need_grad, acc)
+    return LossProblem(B, F, D, recon, reduction, beta, grad_scale, need_grad, acc, scale_grad)
 
 
 def _inputs(B, F, D, dtype=torch.float32, target_dtype=None, seed=0):
@@ -43,12 +56,26 @@ def _inputs(B, F, D, dtype=torch.float32, target_dtype=None, seed=0):
     return x, t, mu, lv
 
 
-def _expected(p: LossProblem, x, t, mu, lv):
-    """(loss, recon, kl, dlogits, dmu, dlogvar) from fastvae.reference, float64."""
+def _expected(p: LossProblem, x, t, mu, lv, log_scale=None):
+    """(loss, recon, kl, dlogits, dmu, dlogvar, dlog_scale) from fastvae.reference, float64.
+
+    dlog_scale is the kernel's per-element ``grad_scale (1 - (x - t)^2 exp(-2 s))``, whose sum over the
+    rows (and the features, for one scale) is checked against ``reference.gaussian_nll_backward``.
+    """
     red = RED_NAMES[p.reduction]
     recon = kl = 0.0
-    dx = dmu = dlv = None
-    if p.F:
+    dx = dmu = dlv = ds = None
+    if p.recon == RECON_GAUSSIAN:
+        s = to_np(log_scale)
+        recon = reference.gaussian_nll(to_np(x), to_np(t), s, red)
+        dx, _, ds_sum = reference.gaussian_nll_backward(to_np(x), to_np(t), s, red)
+        tf = to_np(t) / 255.0 if t.dtype == torch.uint8 else to_np(t)
+        ds = p.grad_scale * (1.0 - (to_np(x) - tf) ** 2 * np.exp(-2.0 * s))
+        assert rel_err(ds.sum(axis=0) if s.size > 1 else ds.sum().reshape(1), ds_sum) < 1e-12
+    elif p.recon == RECON_CB:
+        recon = reference.continuous_bernoulli(to_np(x), to_np(t), red)
+        dx = reference.continuous_bernoulli_backward(to_np(x), to_np(t), red)[0]
+    elif p.F:
         name = NAMES[p.recon]
         fwd, bwd = (
             (reference.bce_with_logits, reference.bce_with_logits_backward)
@@ -63,23 +90,28 @@ def _expected(p: LossProblem, x, t, mu, lv):
     if p.reduction == REDUCTIONS["none"]:
         recon = recon if p.F else np.zeros(p.B)
         kl = kl if p.D else np.zeros(p.B)
-    return np.asarray(recon + p.beta * kl), np.asarray(recon), np.asarray(kl), dx, dmu, dlv
+    return np.asarray(recon + p.beta * kl), np.asarray(recon), np.asarray(kl), dx, dmu, dlv, ds
 
 
-def _check(p, x, t, mu, lv, tol):
-    out = fl.fused_loss(p, x, t, mu, lv)
-    exp = _expected(p, x, t, mu, lv)
+def _check(p, x, t, mu, lv, tol, log_scale=None):
+    out = fl.fused_loss(p, x, t, mu, lv, log_scale)
+    exp = _expected(p, x, t, mu, lv, log_scale)
+    assert len(out) == 7
     shape = (p.B,) if p.reduction == REDUCTIONS["none"] else ()
     for name, a, e in zip(("loss", "recon", "kl"), out[:3], exp[:3], strict=True):
         assert a.shape == shape and a.dtype == p.acc, name
         assert rel_err(a, e) < tol, (name, rel_err(a, e))
-    for name, a, e, src in zip(("dlogits", "dmu", "dlogvar"), out[3:], exp[3:], (x, mu, lv), strict=True):
-        if e is None or not p.need_grad:
+    d_scale_src = torch.empty(p.B, p.F, dtype=p.acc)  # dlog_scale: [B, F] in the accumulator dtype
+    grads = zip(
+        ("dlogits", "dmu", "dlogvar", "dlog_scale"), out[3:], exp[3:], (x, mu, lv, d_scale_src), strict=True
+    )
+    for name, a, e, src in grads:
+        if e is None or not p.need_grad or (name == "dlog_scale" and not p.scale_grad):
             assert a.numel() == 0, name
             continue
         assert a.shape == src.shape and a.dtype == src.dtype and a.is_contiguous(), name
         assert rel_err(a, e) < tol, (name, rel_err(a, e))
-    assert len({id(o) for o in out}) == 6
+    assert len({id(o) for o in out}) == 7
     return out
 
 
@@ -215,7 +247,7 @@ def test_nan_propagates(poison):
     x, t, mu, lv = _inputs(B, F, D)
     x[1, 5] = float("nan")
     lv[2, 3] = float("nan")
-    loss, recon, kl, dx, dmu, dlv = fl.fused_loss(
+    loss, recon, kl, dx, dmu, dlv, _ = fl.fused_loss(
         _problem(B, F, D, RECON_BCE, REDUCTIONS["none"]), x, t, mu, lv
     )
     assert torch.isnan(recon[1]) and not torch.isnan(recon[0]) and torch.isnan(kl[2])
@@ -226,7 +258,7 @@ def test_nan_propagates(poison):
 
 def test_empty_batch():
     p = _problem(0, 784, 20, RECON_BCE, REDUCTIONS["mean"])
-    loss, recon, kl, dx, dmu, dlv = fl.fused_loss(p, *_inputs(0, 784, 20))
+    loss, recon, kl, dx, dmu, dlv, _ = fl.fused_loss(p, *_inputs(0, 784, 20))
     assert torch.isnan(loss) and dx.shape == (0, 784) and dmu.shape == (0, 20)
     p = _problem(0, 784, 20, RECON_BCE, REDUCTIONS["sum"])
     assert fl.fused_loss(p, *_inputs(0, 784, 20))[0] == 0
@@ -249,7 +281,7 @@ def test_scale_grads(poison, per_row):
     B, F, D = 13, 784, 20
     p = _problem(B, F, D, RECON_BCE, REDUCTIONS["none" if per_row else "sum"])
     x, t, mu, lv = _inputs(B, F, D)
-    _, _, _, dx, dmu, dlv = fl.fused_loss(p, x, t, mu, lv)
+    _, _, _, dx, dmu, dlv, _ = fl.fused_loss(p, x, t, mu, lv)
     before = [g.clone() for g in (dx, dmu, dlv)]
     if per_row:
         g = torch.linspace(-2.0, 3.0, B)
@@ -267,7 +299,9 @@ def test_scale_grads(poison, per_row):
 def test_scale_grads_expanded_and_one(poison):
     """An expanded (stride-0) per-row gradient needs no copy; g == 1 everywhere leaves every bit alone."""
     B, F, D = 3, 784, 20
-    _, _, _, dx, dmu, dlv = fl.fused_loss(_problem(B, F, D, RECON_BCE, REDUCTIONS["none"]), *_inputs(B, F, D))
+    _, _, _, dx, dmu, dlv, _ = fl.fused_loss(
+        _problem(B, F, D, RECON_BCE, REDUCTIONS["none"]), *_inputs(B, F, D)
+    )
     before = [g.clone() for g in (dx, dmu, dlv)]
     fl.scale_grads_(torch.tensor(1.0).expand(B), dx, dmu, dlv)
     assert all(torch.equal(a, b) for a, b in zip((dx, dmu, dlv), before, strict=True))
@@ -276,6 +310,233 @@ def test_scale_grads_expanded_and_one(poison):
     empty = torch.empty(0)
     fl.scale_grads_(torch.tensor(3.0), dx, empty, empty.clone())  # KL gradients absent
     assert torch.equal(dx, 6 * before[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian and continuous-Bernoulli likelihoods
+# ----------------------------------------------------------------------------------------------
+
+# Logits where the continuous Bernoulli's normalizer needs care: 0, tiny, its series branch, both sides
+# of the branch cut (|x| = 2 in float32, 1 in float64), large.
+CB_LOGITS = (0.0, 1e-4, -1e-4, 0.5, -0.5, 0.999, -1.001, 1.999, 2.0, -2.001, 30.0, -30.0)
+
+
+def _cb_inputs(B, F, D, dtype=torch.float32, target_dtype=None):
+    """_inputs with CB_LOGITS written over the first logits."""
+    x, t, mu, lv = _inputs(B, F, D, dtype, target_dtype)
+    n = min(len(CB_LOGITS), B * F)
+    x.view(-1)[:n] = torch.tensor(CB_LOGITS[:n]).to(dtype)
+    return x, t, mu, lv
+
+
+def _log_scale(L, s, acc=torch.float32):
+    """L log-scales: all s, or (s None) drawn uniformly from [-3, 2), a fixed seed."""
+    if s is not None:
+        return torch.full((L,), s, dtype=acc)
+    g = torch.Generator().manual_seed(3)
+    return (torch.rand(L, generator=g) * 5.0 - 3.0).to(acc)
+
+
+# (B, F, D, L, s, reduction): B in {1, 3, 127}, F in {1, 7, 784, 1025}, one scale or one per feature,
+# s in {-3, 0, 2} or spread, each reduction, with and without KL.
+GAUSS_CASES = [
+    (1, 1, 0, 1, 0.0, "sum"),
+    (3, 784, 20, 1, -3.0, "mean"),
+    (3, 784, 20, 784, None, "none"),
+    (127, 7, 20, 7, None, "sum"),
+    (127, 7, 1, 1, 2.0, "none"),
+    (1, 1025, 129, 1025, None, "mean"),
+    (3, 1025, 0, 1, 2.0, "sum"),
+    (127, 1, 20, 1, -3.0, "mean"),
+]
+
+
+@pytest.mark.parametrize("B,F,D,L,s,reduction", GAUSS_CASES)
+def test_gaussian(poison, B, F, D, L, s, reduction):
+    p = _problem(B, F, D, RECON_GAUSSIAN, REDUCTIONS[reduction], beta=0.5, scale_grad=True)
+    _check(p, *_inputs(B, F, D), TOL[torch.float32], _log_scale(L, s))
+
+
+@pytest.mark.parametrize("need_grad", [False, True])
+def test_gaussian_without_scale_gradient(poison, need_grad):
+    """scale_grad False (a fixed scale) or no gradients at all: dlog_scale is empty, the rest as before."""
+    B, F, D = 3, 784, 20
+    p = _problem(B, F, D, RECON_GAUSSIAN, REDUCTIONS["sum"], need_grad=need_grad, scale_grad=not need_grad)
+    out = _check(p, *_inputs(B, F, D), TOL[torch.float32], _log_scale(F, None))
+    assert out[6].numel() == 0
+
+
+# (B, F, D, reduction): the awkward sizes and each reduction, with and without KL.
+CB_CASES = [
+    (1, 1, 1, "sum"),
+    (3, 784, 20, "mean"),
+    (127, 7, 129, "none"),
+    (3, 1025, 0, "sum"),
+    (1, 1025, 20, "none"),
+    (127, 784, 1, "mean"),
+]
+
+
+@pytest.mark.parametrize("B,F,D,reduction", CB_CASES)
+def test_continuous_bernoulli(poison, B, F, D, reduction):
+    p = _problem(B, F, D, RECON_CB, REDUCTIONS[reduction])
+    _check(p, *_cb_inputs(B, F, D), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("recon", [RECON_GAUSSIAN, RECON_CB])
+def test_likelihood_dtypes(poison, dtype, recon):
+    B, F, D = 3, 784, 20
+    p = _problem(B, F, D, recon, REDUCTIONS["mean"], dtype=dtype, scale_grad=recon == RECON_GAUSSIAN)
+    if recon == RECON_GAUSSIAN:
+        _check(p, *_inputs(B, F, D, dtype), TOL[dtype], _log_scale(F, None, p.acc))
+    else:
+        _check(p, *_cb_inputs(B, F, D, dtype), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("recon", [RECON_GAUSSIAN, RECON_CB])
+def test_likelihood_uint8_target(poison, dtype, recon):
+    B, F, D = 3, 784, 20
+    p = _problem(B, F, D, recon, REDUCTIONS["none"], dtype=dtype, scale_grad=True)
+    log_scale = _log_scale(1, 0.0) if recon == RECON_GAUSSIAN else None
+    _check(p, *_cb_inputs(B, F, D, dtype, target_dtype=torch.uint8), TOL[dtype], log_scale)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_likelihood_split_rows(poison, reduction):
+    """Few long rows, cut into chunks and finished in one launch: per-feature scales follow the chunks."""
+    B, F, D = 2, 9000, 20
+    assert fl.loss_config(B, F, D, 4)[5] > 1  # n_split
+    p = _problem(B, F, D, RECON_GAUSSIAN, REDUCTIONS[reduction], scale_grad=True)
+    _check(p, *_inputs(B, F, D), TOL[torch.float32], _log_scale(F, None))
+    _check(_problem(B, F, D, RECON_CB, REDUCTIONS[reduction]), *_cb_inputs(B, F, D), TOL[torch.float32])
+
+
+def test_likelihoods_deterministic():
+    """Bit-identical on two runs through the multi-program finish; the ticket is back at 0."""
+    B, F, D = 9, 784, 20
+    for p, args, log_scale in (
+        (_problem(B, F, D, RECON_GAUSSIAN, 0, scale_grad=True), _inputs(B, F, D), _log_scale(F, None)),
+        (_problem(B, F, D, RECON_GAUSSIAN, 0, scale_grad=True), _inputs(B, F, D), _log_scale(1, 2.0)),
+        (_problem(B, F, D, RECON_CB, 0), _cb_inputs(B, F, D), None),
+    ):
+        a = fl.fused_loss(p, *args, log_scale)
+        b = fl.fused_loss(p, *args, log_scale)
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert int(fl._ticket(torch.device("cpu"))) == 0
+
+
+def test_log_scale_refused_by_name():
+    B, F, D = 3, 7, 0
+    x, t, _, _ = _inputs(B, F, D)
+    p = _problem(B, F, D, RECON_GAUSSIAN, REDUCTIONS["sum"])
+    bad = (None, torch.zeros(2), torch.zeros(F, dtype=torch.float64), torch.zeros(2 * F)[::2])
+    for log_scale in bad:
+        with pytest.raises(ValueError, match="log_scale: expected a contiguous torch.float32 tensor"):
+            fl.fused_loss(p, x, t, None, None, log_scale)
+    with pytest.raises(ValueError, match="log_scale: expected None"):
+        fl.fused_loss(_problem(B, F, D, RECON_BCE, REDUCTIONS["sum"]), x, t, None, None, torch.zeros(1))
+
+
+@triton.jit
+def _cb_probe_kernel(x_ptr, k_ptr, dk_ptr, N, BLOCK: tl.constexpr):
+    """The fused loss's K(x) = log(sinh(x/2) / (x/2)) and K'(x), element by element."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    k, dk = fl._cb_even(tl.load(x_ptr + offs, mask=m, other=0.0))
+    tl.store(k_ptr + offs, k, mask=m)
+    tl.store(dk_ptr + offs, dk, mask=m)
+
+
+@pytest.mark.parametrize(
+    "dtype,cut,tol_k,tol_dk", [(torch.float32, 2.0, 2e-6, 1e-6), (torch.float64, 1.0, 2e-14, 1e-14)]
+)
+def test_cb_even_both_branches(dtype, cut, tol_k, tol_dk):
+    """K(x) = log(sinh(x/2) / (x/2)) and K'(x) = coth(x/2)/2 - 1/x of the kernel against mpmath (80 digits)
+    at many points on both sides of the branch cut, near 0 and far out, by relative error.  float32:
+    K within 2e-6 (measured 8.5e-7 under the interpreter, just above the cut where K = a/2 + log((1 - e)/a)
+    cancels 6x), K' within 1e-6 (3.6e-7); float64: 2e-14 (6.9e-15) and 1e-14 (2.2e-15).  Values of K
+    below float32's smallest normal (x = 1e-30) come back as 0 or a denormal.  K and K' are 0 at x = 0.
+    """
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 80
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    x = np.concatenate(
+        [
+            [0.0, 1e-30, 1e-6, 1e-4, 1e-3, 1e-2, 0.25, 0.5, 1.0, 2.0, 30.0, 80.0, 1e4, 1e30],
+            np.linspace(0.9 * cut, 1.1 * cut, 401),
+            np.nextafter(np.full(2, cut, np_dtype), np.array([0.0, 4.0], np_dtype)),  # the cut's neighbours
+            np.logspace(-4, 2, 300),
+        ]
+    )
+    x = torch.tensor(np.concatenate([x, -x]), dtype=dtype)
+    k, dk = torch.empty_like(x), torch.empty_like(x)
+    _cb_probe_kernel[(triton.cdiv(x.numel(), 256),)](x, k, dk, x.numel(), BLOCK=256)
+
+    def exact(v: float) -> tuple[float, float]:
+        if v == 0.0:
+            return 0.0, 0.0
+        h = mpmath.mpf(v) / 2
+        return float(mpmath.log(mpmath.sinh(h) / h)), float(mpmath.coth(h) / 2 - 1 / (2 * h))
+
+    want = np.array([exact(v) for v in x.tolist()])
+    got = np.stack([to_np(k), to_np(dk)], axis=1)
+    normal = np.abs(want) >= np.finfo(np_dtype).tiny
+    assert np.all(np.abs(got[~normal]) <= np.finfo(np_dtype).tiny)  # 0 at x = 0, underflow at 1e-30
+    for j, tol in ((0, tol_k), (1, tol_dk)):
+        m = normal[:, j]
+        assert np.max(np.abs(got[m, j] - want[m, j]) / np.abs(want[m, j])) < tol, j
+
+
+def test_cb_series_coefficients():
+    """The Taylor series the small-|x| branch sums: K(x) = sum_k c_k x^(2k), c_k = B_2k / (2k (2k)!) =
+    1/24, -1/2880, 1/181440, -1/9676800, 1/479001600, -691/15692092416000, ... (K' = sum_k 2k c_k x^(2k-1)),
+    checked against mpmath's Taylor coefficients of log(sinh(x/2) / (x/2)) and against softplus(x) - x/2 -
+    log C(x), the form the loss was written in."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    K = lambda v: mpmath.log(mpmath.sinh(v / 2) / (v / 2)) if v else mpmath.mpf(0)
+    c = [mpmath.bernoulli(2 * k) / (2 * k * mpmath.factorial(2 * k)) for k in range(1, 11)]
+    taylor = mpmath.taylor(K, 0, 20)
+    assert all(abs(taylor[2 * k] - c[k - 1]) < 1e-40 for k in range(1, 11))
+    assert all(abs(taylor[2 * k + 1]) < 1e-40 for k in range(10))
+    want_c = [1 / 24, -1 / 2880, 1 / 181440, -1 / 9676800, 1 / 479001600, -691 / 15692092416000]
+    assert np.allclose([float(v) for v in c[:6]], want_c, rtol=1e-15, atol=0)
+    for v in (mpmath.mpf("1e-3"), mpmath.mpf("0.7"), mpmath.mpf(-2), mpmath.mpf("35.5")):
+        cb_form = mpmath.log(1 + mpmath.exp(v)) - v / 2 - mpmath.log(v / mpmath.tanh(v / 2))
+        assert abs(cb_form - K(v)) < 1e-50
+    # ... and the float64 kernel at small x equals that series (next term: c_11 x^22, 2.5e-19 x^22).
+    x = torch.tensor([1e-3, -0.01, 0.05, -0.1, 0.6, -0.99], dtype=torch.float64)
+    out_k, out_dk = torch.empty_like(x), torch.empty_like(x)
+    _cb_probe_kernel[(1,)](x, out_k, out_dk, x.numel(), BLOCK=8)
+    xs = to_np(x)
+    coef = [float(v) for v in c]
+    series_k = sum(ck * xs ** (2 * k) for k, ck in enumerate(coef, start=1))
+    series_dk = sum(2 * k * ck * xs ** (2 * k - 1) for k, ck in enumerate(coef, start=1))
+    assert np.allclose(to_np(out_k), series_k, rtol=1e-15, atol=0)
+    assert np.allclose(to_np(out_dk), series_dk, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("t_kind", ["half", "random"])
+def test_continuous_bernoulli_logits_near_zero(poison, t_kind):
+    """Rows made only of logits with |x| <= 1e-3, where softplus(x) - log C(x) would cancel (both ~log 2;
+    the loss ~ x^2/24 ~ 4e-8 at t = 1/2): each row's loss and each d logit within 1e-5 relative of the
+    float64 reference, float32, no reduction (so no row hides behind another)."""
+    B, F, D = 5, 300, 0
+    g = torch.Generator().manual_seed(11)
+    x = (torch.rand(B, F, generator=g) * 2e-3 - 1e-3).to(torch.float32)
+    x[0, :4] = torch.tensor([1e-3, -1e-3, 1e-7, 0.0])
+    t = torch.full((B, F), 0.5) if t_kind == "half" else torch.rand(B, F, generator=g)
+    p = _problem(B, F, D, RECON_CB, REDUCTIONS["none"])
+    loss, recon, _, dx = fl.fused_loss(p, x, t, None, None)[:4]
+    want = reference.continuous_bernoulli(to_np(x), to_np(t), "none")
+    want_dx = reference.continuous_bernoulli_backward(to_np(x), to_np(t), "none")[0]
+    for got in (loss, recon):
+        assert np.max(np.abs(to_np(got) - want) / np.abs(want)) < 1e-5
+    nz = want_dx != 0
+    assert np.max(np.abs(to_np(dx)[nz] - want_dx[nz]) / np.abs(want_dx[nz])) < 1e-5
+    assert np.all(to_np(dx)[~nz] == 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,6 +588,87 @@ def test_reparameterize_dtypes(poison, dtype):
     assert rel_err(z, reference.reparameterize(to_np(mu), to_np(lv), 5, 3)) < (
         1e-5 if dtype == torch.float64 else 2e-2
     )
+
+
+@triton.jit
+def _rand4x_kernel(out_ptr, seed, first, N: tl.constexpr):
+    c = first + tl.arange(0, N).to(tl.int64)
+    u1, u2, u3, u4 = tl.rand4x(seed, c)
+    n1, n2, n3, n4 = tl.randn4x(seed, c)
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, u1)
+    tl.store(out_ptr + N + i, u2)
+    tl.store(out_ptr + 2 * N + i, u3)
+    tl.store(out_ptr + 3 * N + i, u4)
+    tl.store(out_ptr + 4 * N + i, n1)
+    tl.store(out_ptr + 5 * N + i, n2)
+    tl.store(out_ptr + 6 * N + i, n3)
+    tl.store(out_ptr + 7 * N + i, n4)
+
+
+def test_reference_randn4_is_triton_randn4x():
+    """fastvae.reference.uniform4 / randn4 port Triton's own tl.rand4x / tl.randn4x (libdevice log, cos
+    and sin): uniforms bit for bit, normals within a few float32 ulp."""
+    n, seed, first = 64, 2**40 + 77, 2**32 - 5
+    out = torch.empty(8, n)
+    _rand4x_kernel[(1,)](out, seed, first, N=n)
+    counters = first + np.arange(n)
+    for got, want in zip(out[:4].numpy(), reference.uniform4(seed, counters), strict=True):
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    for got, want in zip(out[4:].numpy(), reference.randn4(seed, counters), strict=True):
+        ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+        assert (np.abs(got - want) / ulp).max() <= 4
+
+
+@triton.jit
+def _log_sincos_kernel(u_ptr, t_ptr, log_ptr, cos_ptr, sin_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(log_ptr + i, rp._log_unit(tl.load(u_ptr + i)))
+    c, s = rp._sincos_0_2pi(tl.load(t_ptr + i))
+    tl.store(cos_ptr + i, c)
+    tl.store(sin_ptr + i, s)
+
+
+def test_box_muller_log_and_sincos_within_ulps():
+    """The kernel's branch-free log on every kind of u1 it can see (the uniforms k * 4.6566127342e-10,
+    k < 2**31, floored at 1e-7: near 1e-7, across the 2/3 reduction boundary and next to 1) within
+    1 ulp, and its sine and cosine on theta = float32(2 pi) u2 within 1.5 ulp of float64."""
+    n = 1 << 17
+    gen = np.random.default_rng(3)
+    k = np.concatenate(
+        [gen.integers(0, 2**31, n - 4096), np.arange(2**31 - 2048, 2**31), np.arange(215, 215 + 1024)]
+    )
+    # and u2 next to the zeros and extrema of sin and cos (theta near j pi / 2)
+    near = [2**31 * j / 4 + np.arange(-256, 256) for j in (1, 2, 3)] + [2**31 * 2 / 3 + np.arange(-512, 512)]
+    k = np.concatenate([np.concatenate(near), k]).astype(np.int64)[:n]
+    u = np.maximum(np.float32(1e-7), k.astype(np.float32) * reference.UNIFORM_SCALE).astype(np.float32)
+    theta = (reference.TWO_PI_F32 * (k.astype(np.float32) * reference.UNIFORM_SCALE)).astype(np.float32)
+    outs = [torch.empty(n) for _ in range(3)]
+    _log_sincos_kernel[(1,)](torch.from_numpy(u), torch.from_numpy(theta), *outs, N=n)
+    for got, want, bound in (
+        (outs[0], np.log(u.astype(np.float64)), 1.0),
+        (outs[1], np.cos(theta.astype(np.float64)), 1.5),
+        (outs[2], np.sin(theta.astype(np.float64)), 1.5),
+    ):
+        ulps = np.abs(got.numpy() - want) / np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+        assert ulps.max() <= bound, (ulps.max(), int(np.argmax(ulps)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_reparameterize_eps_at_every_offset_phase(poison, dtype):
+    """eps[i] = randn(key, offset + i) for offsets in every phase mod 4 (the quad of counters a Philox
+    call serves) and past 2**32 and 2**62, sizes around the quad and the block, forward and backward."""
+    # eps is a float32 draw for every dtype (float64 inputs: float64 std and product); bf16 rounds once
+    # more (the interpreter's float32 -> bf16 conversion truncates: up to one bf16 ulp)
+    tol = 2**-7 if dtype == torch.bfloat16 else 2e-6
+    for offset in (0, 1, 2, 3, 5, 2**32 - 3, 2**62 + 1):
+        for n in (1, 3, 4, 5, 127, 1029) if dtype != torch.float32 else (1, 3, 4, 5, 127, 4099):
+            zero = torch.zeros(n, dtype=dtype)
+            eps = reference.eps(11, (n,), offset)
+            z = rp.reparameterize(zero, zero, 11, offset)
+            assert np.allclose(to_np(z), eps, rtol=tol, atol=tol * 1e-2), (offset, n)
+            dlv = rp.reparameterize_backward(torch.full((n,), 2.0, dtype=dtype), zero, 11, offset)
+            assert np.allclose(to_np(dlv), eps, rtol=tol, atol=tol * 1e-2), (offset, n)
 
 
 def test_reparameterize_deterministic_and_empty():

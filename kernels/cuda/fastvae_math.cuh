@@ -7,8 +7,9 @@
 // converted with single PTX instructions on the device, or bit-exact software on the host.
 //
 // Contents
-//   * Philox4x32-10 and Box-Muller exactly as Triton's tl.randn(seed, offset): the uniforms match
-//     reference.uniform_pair bit for bit; the normal uses precise logf/sqrtf/cosf (no fast math).
+//   * Philox4x32-10 and Box-Muller exactly as Triton's tl.randn4x(seed, counter): element counter n
+//     is normal n & 3 of Philox counter n >> 2; the uniforms match reference.uniform_pair bit for
+//     bit; the normals use precise logf/sqrtf and a short-range sine / cosine (no fast math).
 //   * BCE-with-logits, MSE and the Gaussian KL per element, with their gradients, written so that
 //     fp32 keeps a few-ulp relative accuracy even where the textbook formula cancels.
 //   * dtype conversions (fp32 / fp16 / bf16 / uint8 pixels -> fp32 and back, round to nearest even).
@@ -149,7 +150,7 @@ FV_HD fv_bf16 fv_from_float<fv_bf16>(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Random numbers: Triton's tl.randn(seed, offset)
+// Random numbers: Triton's tl.randn4x(seed, n >> 2)[n & 3] for element counter n
 // ---------------------------------------------------------------------------------------------
 
 struct fv_u32x4 {
@@ -193,54 +194,85 @@ FV_HD float fv_uint_to_uniform(fv_u32 x) {
 }
 
 // The Philox words for a 64-bit counter c: Philox4x32-10 of (c lo, c hi, 0, 0) under the key `seed`.
-// A reparameterize call draws element i at c = offset + i (fastvae.backend's RNG contract).
+// A reparameterize call draws element i from Philox counter (offset + i) >> 2 (fastvae.backend's RNG
+// contract): four elements share one call.
 FV_HD fv_u32x4 fv_philox_for_counter(fv_u64 seed, fv_u64 counter) {
     return fv_philox4x32_10(seed, (fv_u32)counter, (fv_u32)(counter >> 32), 0u, 0u);
 }
 
-// cos(a) for |a| <= ~100 (Box-Muller only needs [0, 2 pi)), accurate to ~1 ulp: a = j pi/2 + r with
-// j = rint(a 2/pi) and a three-part Cody-Waite pi/2 (the first two products are exact), then the
-// minimax sin / cos polynomials on [-pi/4, pi/4] used by CUDA's own sinf/cosf.  The library cosf is
-// as accurate but carries a Payne-Hanek path for huge arguments whose scratch array lands in local
-// memory once the call is unrolled 8x (fp16 vectors); this version has no such path.
-FV_HD float fv_cos_small(float a) {
+// (cos a, sin a) for |a| <= ~100 (Box-Muller only needs [0, 2 pi)), each accurate to ~1 ulp:
+// a = j pi/2 + r with j = rint(a 2/pi) and a three-part Cody-Waite pi/2 (the first two products are
+// exact), then the minimax sin / cos polynomials on [-pi/4, pi/4] used by CUDA's own sinf/cosf, both
+// from one reduction: cos(r + j pi/2) = cos r, -sin r, -cos r, sin r and sin(r + j pi/2) = sin r,
+// cos r, -sin r, -cos r for j mod 4 = 0..3.  The library sincosf is as accurate but carries a
+// Payne-Hanek path for huge arguments whose scratch array lands in local memory once the call is
+// unrolled; this version has no such path.
+FV_HD void fv_sincos_small(float a, float* c, float* s) {
     const float shifted = fmaf(a, 0.636619772f, 12582912.0f);  // 1.5 * 2^23: rounds a 2/pi to an int
-    const int j = (int)(fv_float_as_u32(shifted) & 3u);        // quadrant mod 4 (two's complement ok)
+    const unsigned j = fv_float_as_u32(shifted) & 3u;          // quadrant mod 4 (two's complement ok)
     const float jf = shifted - 12582912.0f;
     float r = fmaf(jf, -1.5707962512969971e+00f, a);
     r = fmaf(jf, -7.5497894158615964e-08f, r);
     r = fmaf(jf, -5.3903029534e-15f, r);
     const float r2 = r * r;
-    const unsigned i = (unsigned)j + 1u;  // cos(r + j pi/2) = sin(r + (j + 1) pi/2)
-    float z;
-    if (i & 1u) {  // cos r
-        z = fmaf(2.44331571e-5f, r2, -1.38873163e-3f);
-        z = fmaf(z, r2, 4.16666457e-2f);
-        z = fmaf(z, r2, -5.00000000e-1f);
-        z = fmaf(z, r2, 1.0f);
-    } else {  // sin r
-        z = fmaf(-1.95152959e-4f, r2, 8.33216087e-3f);
-        z = fmaf(z, r2, -1.66666546e-1f);
-        z = z * r2;
-        z = fmaf(z, r, r);
-    }
-    return (i & 2u) ? -z : z;
+    float cr = fmaf(2.44331571e-5f, r2, -1.38873163e-3f);
+    cr = fmaf(cr, r2, 4.16666457e-2f);
+    cr = fmaf(cr, r2, -5.00000000e-1f);
+    cr = fmaf(cr, r2, 1.0f);
+    float sr = fmaf(-1.95152959e-4f, r2, 8.33216087e-3f);
+    sr = fmaf(sr, r2, -1.66666546e-1f);
+    sr = sr * r2;
+    sr = fmaf(sr, r, r);
+    const float cv = (j & 1u) ? sr : cr;
+    const float sv = (j & 1u) ? cr : sr;
+    *c = ((j + 1u) & 2u) ? -cv : cv;
+    *s = (j & 2u) ? -sv : sv;
 }
 
-// First Box-Muller normal from two uniforms: u1 = max(1e-7, u1), theta = 2 pi u2 (an fp32 product),
-// n = sqrt(-2 ln u1) * cos(theta).  Precise logf/sqrtf (no fast math): within a few ulp of the fp64
-// reference.
-FV_HD float fv_box_muller(float u1, float u2) {
+// Triton's pair_uniform_to_normal: u1 = max(1e-7, u1), theta = 2 pi u2 (an fp32 product),
+// r = sqrt(-2 ln u1); (r cos theta, r sin theta).  Precise logf/sqrtf (no fast math): within a few
+// ulp of the fp64 reference.
+FV_HD void fv_box_muller2(float u1, float u2, float* n_cos, float* n_sin) {
     u1 = fmaxf(1.0e-7f, u1);
     const float theta = 6.283185307179586f * u2;
     const float radius = sqrtf(-2.0f * logf(u1));
-    return radius * fv_cos_small(theta);
+    float c, s;
+    fv_sincos_small(theta, &c, &s);
+    *n_cos = radius * c;
+    *n_sin = radius * s;
 }
 
-// One standard normal at a 64-bit counter: tl.randn(seed, counter) (fastvae.reference.randn).
+struct fv_f32x4 {
+    float x, y, z, w;
+};
+
+// tl.randn4x(seed, quad): Box-Muller on the uniforms of Philox words (x, y) and (z, w) of the counter
+// `quad`, i.e. the normals of element counters 4 quad + 0..3 (fastvae.reference.randn4).
+FV_HD fv_f32x4 fv_randn4(fv_u64 seed, fv_u64 quad) {
+    const fv_u32x4 r = fv_philox_for_counter(seed, quad);
+    fv_f32x4 n;
+    fv_box_muller2(fv_uint_to_uniform(r.x), fv_uint_to_uniform(r.y), &n.x, &n.y);
+    fv_box_muller2(fv_uint_to_uniform(r.z), fv_uint_to_uniform(r.w), &n.z, &n.w);
+    return n;
+}
+
+// The two uniforms behind element counter n: (u1, u2) of Philox counter n >> 2 for n & 3 in {0, 1},
+// (u3, u4) for {2, 3} (reference.uniform_pair).
+FV_HD void fv_uniform_pair(fv_u64 seed, fv_u64 counter, float* ua, float* ub) {
+    const fv_u32x4 r = fv_philox_for_counter(seed, counter >> 2);
+    const bool second = (counter & 2u) != 0;
+    *ua = fv_uint_to_uniform(second ? r.z : r.x);
+    *ub = fv_uint_to_uniform(second ? r.w : r.y);
+}
+
+// One standard normal at a 64-bit element counter n: normal n & 3 of tl.randn4x(seed, n >> 2)
+// (fastvae.reference.randn): r cos for even n, r sin for odd n.  A whole Philox call for one normal:
+// for unaligned counters; aligned runs of 4 use fv_randn4.
 FV_HD float fv_randn(fv_u64 seed, fv_u64 counter) {
-    const fv_u32x4 r = fv_philox_for_counter(seed, counter);
-    return fv_box_muller(fv_uint_to_uniform(r.x), fv_uint_to_uniform(r.y));
+    float ua, ub, n_cos, n_sin;
+    fv_uniform_pair(seed, counter, &ua, &ub);
+    fv_box_muller2(ua, ub, &n_cos, &n_sin);
+    return (counter & 1u) ? n_sin : n_cos;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 //
 // Tensors are logical [rows, cols] with contiguous features and a row stride in elements (so a
 // sliced mu / logvar needs no copy); the host collapses fully contiguous inputs to one row of
-// rows * cols elements.  eps for element (r, c) is tl.randn(key, offset + r * cols + c): Philox4x32-10
-// keyed by the 64-bit key at the 64-bit counter offset + flat C-order index (wrapping mod 2^64;
-// counters crossing 2^32 carry into the high word), exactly as Triton's tl.randn, so the backward
-// replays the forward's noise from (key, offset) alone and nothing is saved between them.
+// rows * cols elements.  eps for element (r, c) is randn(key, n) at the element counter
+// n = offset + r * cols + c: normal n & 3 of Triton's tl.randn4x(key, n >> 2), i.e. Philox4x32-10 keyed
+// by the 64-bit key at the 64-bit counter n >> 2 (its high word carried past 2^32), Box-Muller on
+// words (0, 1) -> r cos, r sin and on (2, 3) -> r cos, r sin.  The backward replays the forward's
+// noise from (key, offset) alone and nothing is saved between them.
 //
 // The key is either the scalar `key` (an explicit seed) or, when `key_ptr` is not null, the int64
 // at key_ptr read on the device (its bits as a u64): a key drawn on the device by torch's generator,
@@ -14,9 +15,10 @@
 // Forward   reads mu, logvar         writes z          : 3 * sizeof(T) bytes per element
 // Backward  reads dz, logvar         writes dlogvar    : 3 * sizeof(T) bytes per element
 //           (dmu = dz is returned by the host without a kernel); + 8 bytes of key per thread (cached)
-// Per element: one Philox4x32-10 (10 rounds of two 32x32->64 multiplies and four xors), one logf,
-// sqrtf, expf and the short-range cosine of fastvae_math.cuh -- far more arithmetic per byte than
-// the loss kernel.
+// Per 4 elements: one Philox4x32-10 (10 rounds of two 32x32->64 multiplies and four xors), two logf
+// and sqrtf, two short-range sine / cosine pairs of fastvae_math.cuh; per element one expf.  Rows
+// whose first counter is a multiple of 4 draw by quads in the vector path; the others (and tails)
+// draw one element per Philox call (fv_randn), exact but 4x the Philox work.
 //
 // Launch: block (256, 1), grid (gx, gy); blockIdx.y strides over rows, x over chunks of a row.
 // __launch_bounds__(256, 4): at least 4 resident blocks per SM, i.e. at most 64 registers, a fixed
@@ -31,18 +33,12 @@ struct fv_reparam_vec {
     static constexpr int VEC = 16 / (int)sizeof(T);
 };
 
-// z = mu + std * eps, std = exp(lv / 2); fp32 math, rounded once to T.
-template <typename T>
-__device__ __forceinline__ T fv_reparam_elem(T mu, T lv, fv_u64 seed, fv_u64 counter) {
-    const float eps = fv_randn(seed, counter);
-    return fv_from_float<T>(fv_to_float(mu) + expf(0.5f * fv_to_float(lv)) * eps);
-}
-
-// dlogvar = 0.5 * dz * std * eps (= 0.5 * dz * (z - mu)); fp32 math, rounded once to T.
-template <typename T>
-__device__ __forceinline__ T fv_reparam_bwd_elem(T dz, T lv, fv_u64 seed, fv_u64 counter) {
-    const float eps = fv_randn(seed, counter);
-    return fv_from_float<T>(0.5f * fv_to_float(dz) * expf(0.5f * fv_to_float(lv)) * eps);
+// forward: z = mu + std * eps;  backward: dlogvar = 0.5 * dz * std * eps (= 0.5 * dz * (z - mu));
+// std = exp(lv / 2); fp32 math, rounded once to T.
+template <typename T, bool BACKWARD>
+__device__ __forceinline__ T fv_reparam_op(T a, T lv, float eps) {
+    const float std_eps = expf(0.5f * fv_to_float(lv)) * eps;
+    return fv_from_float<T>(BACKWARD ? 0.5f * fv_to_float(a) * std_eps : fv_to_float(a) + std_eps);
 }
 
 // One pass over [rows, cols]: out = OP(a, logvar) with OP the forward (a = mu) or backward (a = dz).
@@ -61,26 +57,37 @@ __device__ __forceinline__ void fv_reparam_body(const T* __restrict__ a, fv_i64 
         const T* __restrict__ lv_row = logvar + row * lv_stride;
         T* __restrict__ out_row = out + row * out_stride;
         const fv_u64 base = offset + (fv_u64)(row * cols);  // Philox counter of (row, 0)
-        // Vector part: chunks of VEC whole elements.
+        // Vector part: chunks of VEC whole elements (VEC / 4 quads of counters when base % 4 == 0).
         const fv_i64 n_vec = vec ? cols / VEC : 0;
+        const bool quads = (base & 3u) == 0;
         for (fv_i64 c = first; c < n_vec; c += step) {
             const fv_i64 col = c * VEC;
             fv_pack<T, VEC> pa, plv, po;
             pa.load(a_row + col);
             plv.load(lv_row + col);
-            FV_UNROLL
-            for (int j = 0; j < VEC; ++j) {
-                const fv_u64 counter = base + (fv_u64)(col + j);
-                po.v[j] = BACKWARD ? fv_reparam_bwd_elem<T>(pa.v[j], plv.v[j], seed, counter)
-                                   : fv_reparam_elem<T>(pa.v[j], plv.v[j], seed, counter);
+            if (quads) {
+                const fv_u64 quad = (base + (fv_u64)col) >> 2;
+                FV_UNROLL
+                for (int q = 0; q < VEC / 4; ++q) {
+                    const fv_f32x4 n = fv_randn4(seed, quad + (fv_u64)q);
+                    po.v[4 * q + 0] = fv_reparam_op<T, BACKWARD>(pa.v[4 * q + 0], plv.v[4 * q + 0], n.x);
+                    po.v[4 * q + 1] = fv_reparam_op<T, BACKWARD>(pa.v[4 * q + 1], plv.v[4 * q + 1], n.y);
+                    po.v[4 * q + 2] = fv_reparam_op<T, BACKWARD>(pa.v[4 * q + 2], plv.v[4 * q + 2], n.z);
+                    po.v[4 * q + 3] = fv_reparam_op<T, BACKWARD>(pa.v[4 * q + 3], plv.v[4 * q + 3], n.w);
+                }
+            } else {
+                FV_UNROLL
+                for (int j = 0; j < VEC; ++j) {
+                    const float eps = fv_randn(seed, base + (fv_u64)(col + j));
+                    po.v[j] = fv_reparam_op<T, BACKWARD>(pa.v[j], plv.v[j], eps);
+                }
             }
             po.store(out_row + col);
         }
         // Scalar part: the tail of a vectorized row, or the whole row when vec == 0.
         for (fv_i64 col = n_vec * VEC + first; col < cols; col += step) {
-            const fv_u64 counter = base + (fv_u64)col;
-            out_row[col] = BACKWARD ? fv_reparam_bwd_elem<T>(a_row[col], lv_row[col], seed, counter)
-                                    : fv_reparam_elem<T>(a_row[col], lv_row[col], seed, counter);
+            const float eps = fv_randn(seed, base + (fv_u64)col);
+            out_row[col] = fv_reparam_op<T, BACKWARD>(a_row[col], lv_row[col], eps);
         }
     }
 }

@@ -6,12 +6,14 @@
 //
 // Usage: math_harness MODE IN OUT.  IN starts with an int64 count N followed by the mode's input
 // arrays (each N long, one after the other); OUT receives the output arrays the same way.
-//   rng   in: u64 seed[N], u64 counter[N]  out: u32 w0[N], w1[N], w2[N], w3[N], f32 u1[N], u2[N], n[N]
+//   rng   in: u64 seed[N], u64 counter[N]  out: u32 w0[N], w1[N], w2[N], w3[N] (Philox at counter),
+//                                               f32 u1[N], u2[N], n[N] (element counter: its uniform
+//                                               pair and fv_randn)
 //   loss  in: f32 x[N], t[N], mu[N], lv[N], u8 k[N]
 //         out: f32 bce, dbce, mse, dmse, bce_u8, dbce_u8, mse_u8, dmse_u8, kl, dlv  (each [N])
 //   conv  in: f32 x[N], u16 h[N]
 //         out: u16 half(x)[N], u16 bf16(x)[N], f32 half_to_float(h)[N], f32 bf16_to_float(h)[N]
-//   cos   in: f32 a[N]                     out: f32 fv_cos_small(a)[N]
+//   cos   in: f32 a[N]                     out: f32 cos[N], sin[N] (fv_sincos_small(a))
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,8 +59,7 @@ void run_rng(Reader& in, Writer& out, long long n) {
         w1[i] = r.y;
         w2[i] = r.z;
         w3[i] = r.w;
-        u1[i] = fv_uint_to_uniform(r.x);
-        u2[i] = fv_uint_to_uniform(r.y);
+        fv_uniform_pair(seed[i], counter[i], &u1[i], &u2[i]);
         normal[i] = fv_randn(seed[i], counter[i]);
     }
     out.write(w0);
@@ -112,9 +113,10 @@ void run_conv(Reader& in, Writer& out, long long n) {
 
 void run_cos(Reader& in, Writer& out, long long n) {
     const std::vector<float> a = in.read<float>(n);
-    std::vector<float> c(n);
-    for (long long i = 0; i < n; ++i) c[i] = fv_cos_small(a[i]);
+    std::vector<float> c(n), s(n);
+    for (long long i = 0; i < n; ++i) fv_sincos_small(a[i], &c[i], &s[i]);
     out.write(c);
+    out.write(s);
 }
 
 }  // namespace
