@@ -133,8 +133,16 @@ def test_kernel_sources_for_every_backend_kernel():
     assert "fastvae_scale_grads" in cl.kernel_source("scale_grads.cu")
     # the kernels share fastvae.backend's numbering of the recon kinds
     src = cl.kernel_source("vae_loss.cu")
-    for name, value in RECON_IDS.items():
-        assert f"FV_RECON_{name.upper()} = {value}" in src
+    for name in ("none", "bce", "mse"):  # the kinds the CUDA C implements
+        assert f"FV_RECON_{name.upper()} = {RECON_IDS[name]}" in src
+
+
+@pytest.mark.parametrize("recon", ["gaussian", "continuous_bernoulli"])
+def test_likelihoods_without_cuda_c_are_refused(recon):
+    """The CUDA C kernels have BCE and MSE only: the other likelihoods get one clear error, not a number."""
+    p = _problem(4, 6, 2, recon)
+    with pytest.raises(NotImplementedError, match=f"recon={recon!r} is not implemented in the cupy backend"):
+        cl.fused_loss(p, torch.zeros(4, 6), torch.zeros(4, 6), torch.zeros(4, 2), torch.zeros(4, 2))
 
 
 # ----------------------------------------------------------------------------------------------
