@@ -747,8 +747,10 @@ def _fused(logits, target, mu, logvar, beta, reduction, recon, validate, log_sca
         return VAELossTerms(r.loss + beta.reshape(()).to(k.loss.dtype) * k.loss, r.recon, k.kl)
     logits, target = (_rows(logits), _rows(target)) if logits is not None else (None, None)
     mu, logvar = (_rows(mu), _rows(logvar)) if mu is not None else (None, None)
-    need_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (logits, target, mu, logvar, log_scale)
+    need_grad = torch.is_grad_enabled() and (
+        (logits is not None and (logits.requires_grad or target.requires_grad))
+        or (mu is not None and (mu.requires_grad or logvar.requires_grad))
+        or (log_scale is not None and log_scale.requires_grad)
     )
     scale_grad = need_grad and log_scale is not None and log_scale.requires_grad
     if torch.compiler.is_compiling():

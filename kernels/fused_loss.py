@@ -53,7 +53,7 @@ __all__ = ["fused_loss", "scale_grads_", "loss_config", "scale_config"]
 
 TILE = 1024  # elements a program holds per operand and iteration: 8 fp32 a thread at 4 warps (2 x LDG.128)
 MIN_BLOCK = 16  # narrowest main-loop tile; narrower rows run as one masked tail tile
-TARGET_PROGRAMS = 24 * 132  # split rows into chunks up to 2 waves of 12 resident programs on 132 SMs
+TARGET_PROGRAMS = 32 * 132  # split rows into chunks up to 2 waves of 16 resident programs on 132 SMs
 FINISH_BLOCK = tl.constexpr(256)  # partials summed per step by the finishing program
 
 
@@ -629,8 +629,9 @@ def loss_config(B: int, F: int, D: int, element_size: int, target_u8: bool = Fal
     went through shared memory, 2 BAR.SYNC an iteration) and for float64.
 
     When there are fewer row blocks than TARGET_PROGRAMS and rows are long (at least 4 tiles), each row
-    is cut into n_split chunks of whole tiles (at least 2 a chunk): [8, 3 * 256 * 256] runs 8 * 96
-    programs, [512, 12288] 512 * 6.
+    is cut into n_split chunks of whole tiles: [8, 3 * 256 * 256] runs 8 * 192 programs, [512, 12288]
+    512 * 12 (at least 2 waves at any occupancy up to 16 programs an SM, for every shape of at least
+    2^22 elements).
     """
     tile = TILE // 2 if element_size == 8 else TILE
     per_thread = 4 if target_u8 or element_size == 8 else 8
@@ -642,8 +643,8 @@ def loss_config(B: int, F: int, D: int, element_size: int, target_u8: bool = Fal
     row, blk = (F, block_f) if F else (D, block_d)
     n_split, chunk = 1, row
     if n_rb < TARGET_PROGRAMS and row >= 4 * blk:
-        n_split = min(_cdiv(TARGET_PROGRAMS, n_rb), row // (2 * blk))
-        chunk = _cdiv(_cdiv(row, n_split), blk) * blk
+        n_split = min(_cdiv(TARGET_PROGRAMS, n_rb), row // blk)
+        chunk = row // n_split // blk * blk  # whole tiles, rounded down: at least n_split chunks
         n_split = _cdiv(row, chunk)
     if F:
         f_chunk = chunk

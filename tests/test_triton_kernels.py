@@ -207,6 +207,9 @@ def test_launch_config_rule():
     assert n_prog >= 2 * 132 and f_chunk % bf == 0
     bb, bf, tf, bd, td, n_split, f_chunk, d_chunk, n_prog, warps = fl.loss_config(8, 0, 4 * 64 * 64, 4)
     assert n_prog >= 32 and d_chunk % bd == 0
+    # Long rows of at least 2^22 elements in all: 2 waves even at 16 resident programs an SM.
+    for B, F, size in ((512, 12288, 2), (512, 12288, 4), (64, 3 * 256 * 256, 4), (8, 4 * 512 * 512, 2)):
+        assert fl.loss_config(B, F, 128, size)[8] >= 2 * 16 * 132, (B, F, size)
     assert fl.loss_config(128, 784, 20, 4) == fl.loss_config(128, 784, 20, 4)
     assert fl.loss_config(4096, 784, 20, 4)[-1] == 4 and fl.loss_config(4096, 784, 20, 4, True)[-1] == 8
 
