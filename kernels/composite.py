@@ -32,6 +32,7 @@ from fastvae.backend import (
     Key,
     LossProblem,
 )
+from fastvae.reference import _CB_K_SERIES
 
 _M32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -134,19 +135,7 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 # K(x) = log(sinh(x/2) / (x/2)) (the two ~ln 2 terms of softplus and log C never cancel near 0; see
 # fastvae.reference), d/dx = 1/2 - t + K'(x).  |x| >= 1: K = |x|/2 - log|x| + log(1 - e^-|x|),
 # K' = sign(x) (1/2 - 1/|x| + e^-|x| / (1 - e^-|x|)); |x| < 1: K = sum_k c_k x^(2k) (radius 2 pi, 10 terms:
-# truncation < 1e-17 relative), K' = sum_k 2k c_k x^(2k-1).
-_CB_K_SERIES = (
-    1 / 24,
-    -1 / 2880,
-    1 / 181440,
-    -1 / 9676800,
-    1 / 479001600,
-    -691 / 15692092416000,
-    1 / 1046139494400,
-    -3617 / 170729965486080000,
-    43867 / 91963695909076992000,
-    -174611 / 16057153253965824000000,
-)
+# truncation < 1e-17 relative; the coefficients are fastvae.reference's), K' = sum_k 2k c_k x^(2k-1).
 
 
 def _cb_split(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 from fastvae.kernels.launch import Launcher
+from fastvae.kernels.reparameterize import _log_normal  # one copy of the branch-free logf
 from torch import Tensor
 
 from fastvae.backend import RECON_GAUSSIAN, REDUCE_MEAN, REDUCE_NONE, LossProblem
@@ -122,27 +123,6 @@ def _bce_with_logits(x, t):
     loss = tl.maximum(x, 0.0) - x * t + log1p_e
     sigmoid = tl.where(x >= 0, sig_abs, e * sig_abs)
     return loss, sigmoid - t
-
-
-@triton.jit
-def _log_normal(u):
-    """log(u) for a positive normal float32 u: libdevice logf's reduction and polynomial (within 1 ulp)
-    without its branches for 0, denormals, negatives, inf and NaN (the algorithm of
-    ``reparameterize._log_unit``).  e = (bits(u) - bits(2/3)) & exponent mask, m = u / 2^e in
-    [2/3, 4/3), f = m - 1 exact; log(u) = e ln2 + f + f^2 P(f), P of degree 8 (9 FFMA)."""
-    ub = u.to(tl.int32, bitcast=True)
-    e = (ub - 0x3F2AAAAB) & -8388608  # 0xff800000: the exponent field of u / m
-    f = (ub - e).to(tl.float32, bitcast=True) - 1.0
-    p = tl.fma(f, -0.13018856942653656, 0.14084610342979431)
-    p = tl.fma(f, p, -0.12148627638816833)
-    p = tl.fma(f, p, 0.13980610668659210)
-    p = tl.fma(f, p, -0.16684235632419586)
-    p = tl.fma(f, p, 0.20012299716472626)
-    p = tl.fma(f, p, -0.24999669194221497)
-    p = tl.fma(f, p, 0.33333182334899902)
-    p = tl.fma(f, p, -0.5)
-    r = tl.fma(f, f * p, f)
-    return tl.fma(e.to(tl.float32), 8.262958317573066e-08, r)  # float32(ln2) 2^-23: exact scaling
 
 
 @triton.jit

@@ -45,6 +45,7 @@ from fastvae.backend import (
     Key,
     LossProblem,
 )
+from fastvae.reference import _CB_K_SERIES
 
 __all__ = ["fused_loss", "scale_grads_", "reparameterize", "reparameterize_backward"]
 
@@ -508,19 +509,8 @@ def _kl_alone_flat(mu, lv, dmu, dlv, rows, D, kl_scale, need_grad):
 
 
 # Continuous Bernoulli in float64, as fastvae.reference: x (1/2 - t) + K(x), K = log(sinh(x/2) / (x/2)),
-# the closed forms from |x| = 1, below it 10 terms of the series in x^2 (truncation < 1e-17 relative).
-_CB_K_F64 = (
-    1 / 24,
-    -1 / 2880,
-    1 / 181440,
-    -1 / 9676800,
-    1 / 479001600,
-    -691 / 15692092416000,
-    1 / 1046139494400,
-    -3617 / 170729965486080000,
-    43867 / 91963695909076992000,
-    -174611 / 16057153253965824000000,
-)
+# the closed forms from |x| = 1, below it 10 terms of the series in x^2 (truncation < 1e-17 relative;
+# the coefficients are the reference's).
 
 
 @_jit
@@ -535,9 +525,9 @@ def _cb_even_f64(x):
         z = x * x
         k = 0.0
         dk = 0.0
-        for j in range(len(_CB_K_F64) - 1, -1, -1):
-            k = k * z + _CB_K_F64[j]
-            dk = dk * z + 2.0 * (j + 1) * _CB_K_F64[j]
+        for j in range(len(_CB_K_SERIES) - 1, -1, -1):
+            k = k * z + _CB_K_SERIES[j]
+            dk = dk * z + 2.0 * (j + 1) * _CB_K_SERIES[j]
         k *= z
         dk *= a
     return k, (dk if x >= 0 else -dk)

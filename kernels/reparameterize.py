@@ -108,9 +108,10 @@ def _uniform(w):
 
 
 @triton.jit
-def _log_unit(u):
-    """log(u) for float32 u in [1e-7, 1] (positive, normal, finite): libdevice logf's reduction and
-    polynomial (within 1 ulp) without its branches for 0, negatives, inf and NaN, which never occur.
+def _log_normal(u):
+    """log(u) for a positive normal finite float32 u (here u in [1e-7, 1]; the fused loss's continuous
+    Bernoulli calls it too): libdevice logf's reduction and polynomial (within 1 ulp) without its
+    branches for 0, denormals, negatives, inf and NaN.
 
     e = (bits(u) - bits(2/3)) & exponent mask, so m = u / 2^e lies in [2/3, 4/3) (integer subtraction
     on the bits: exact) and f = m - 1 is exact; log(u) = e ln2 + f + f^2 P(f) with P the minimax
@@ -136,7 +137,7 @@ def _box_muller(w1, w2):
     theta = float32(2 pi) u2, r = sqrt(-2 log u1); returns (r cos(theta), r sin(theta))."""
     u1 = tl.maximum(1.0e-7, _uniform(w1))
     theta = 6.283185307179586 * _uniform(w2)
-    r = tl.sqrt(-2.0 * _log_unit(u1))
+    r = tl.sqrt(-2.0 * _log_normal(u1))
     c, s = _sincos_0_2pi(theta)
     return r * c, r * s
 

@@ -626,7 +626,7 @@ def test_reference_randn4_is_triton_randn4x():
 @triton.jit
 def _log_sincos_kernel(u_ptr, t_ptr, log_ptr, cos_ptr, sin_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
-    tl.store(log_ptr + i, rp._log_unit(tl.load(u_ptr + i)))
+    tl.store(log_ptr + i, rp._log_normal(tl.load(u_ptr + i)))
     c, s = rp._sincos_0_2pi(tl.load(t_ptr + i))
     tl.store(cos_ptr + i, c)
     tl.store(sin_ptr + i, s)
