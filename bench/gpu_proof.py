@@ -199,8 +199,23 @@ def step_copy_bandwidth(ctx: Ctx) -> dict:
     return {"bytes_moved": moved, "seconds": t, "GBps": moved / t / 1e9}
 
 
+# (mantissa bits, smallest normal exponent) of the 16-bit types.
+HALF_FORMATS = {"float16": (10, -14), "bfloat16": (7, -126)}
+
+
+def half_precision_excess(got, want, sigma, eps, dtype: str) -> float:
+    """max |got - want| / (one rounding step of ``dtype`` at the larger of |got|, |want| + sigma
+    (2^-14 |eps| + 2^-17)): at most 1 for a 16-bit reparameterize (``z`` or ``dlogvar / (dz / 2)``)
+    whose eps is within the MUFU draw's bound (``_box_muller_mufu``: 2^-15 r + 2^-18) of ``eps``."""
+    mant, emin = HALF_FORMATS[dtype]
+    mag = np.maximum(np.maximum(np.abs(got), np.abs(want)), 2.0**emin)
+    step = 2.0 ** (np.floor(np.log2(mag)) - mant)
+    return float(np.max(np.abs(got - want) / (step + sigma * (2.0**-14 * np.abs(eps) + 2.0**-17))))
+
+
 def step_eps_reference(ctx: Ctx) -> dict:
-    """A seeded draw at an offset against the float64 reference, element by element."""
+    """A seeded draw at an offset against the float64 reference, element by element; the same in
+    float16 and bfloat16 (on a GPU the MUFU draw) to within one rounding step."""
     import fastvae
     from fastvae import reference
 
@@ -213,9 +228,18 @@ def step_eps_reference(ctx: Ctx) -> dict:
     ref = reference.reparameterize(_np(mu), _np(lv), SEED, OFFSET)
     err = rel_err(_np(z), ref)
     check(err < 1e-5, f"z vs reference: relative error {err:.3g} >= 1e-5")
+    eps_ref = reference.eps(SEED, shape, OFFSET)
     eps = (_np(z) - _np(mu)) / np.exp(0.5 * _np(lv))
-    max_abs = float(np.max(np.abs(eps - reference.eps(SEED, shape, OFFSET))))
-    return {"elements": int(np.prod(shape)), "offset": OFFSET, "rel_err": err, "eps_max_abs_err": max_abs}
+    max_abs = float(np.max(np.abs(eps - eps_ref)))
+    out = {"elements": int(np.prod(shape)), "offset": OFFSET, "rel_err": err, "eps_max_abs_err": max_abs}
+    for name in HALF_FORMATS:
+        mu16, lv16 = mu.to(getattr(torch, name)), lv.to(getattr(torch, name))
+        z16 = fastvae.reparameterize(mu16, lv16, seed=SEED, offset=OFFSET)
+        sigma = np.exp(0.5 * _np(lv16))
+        excess = half_precision_excess(_np(z16), _np(mu16) + sigma * eps_ref, sigma, eps_ref, name)
+        check(excess <= 1.0, f"{name} z vs reference: {excess:.3g} rounding steps (+ the draw's bound) > 1")
+        out[f"{name}_excess"] = excess
+    return out
 
 
 def _sample_indices(n: int, rng: np.random.Generator, around: int, k: int) -> np.ndarray:

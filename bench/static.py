@@ -142,6 +142,16 @@ def _loss_valid(F: int) -> Callable[[Launch], tuple[int, int]]:
     return valid
 
 
+def _kl_valid(D: int) -> Callable[[Launch], tuple[int, int]]:
+    """A KL-only tile is BLOCK_B rows x BLOCK_D latent dims."""
+
+    def valid(launch: Launch) -> tuple[int, int]:
+        bb, bd = _const(launch, "BLOCK_B"), _const(launch, "BLOCK_D")
+        return bb * bd, bb * min(D, bd)
+
+    return valid
+
+
 def _flat_valid(launch: Launch) -> tuple[int, int]:
     block = _const(launch, "BLOCK")
     return block, block
@@ -159,7 +169,8 @@ def cases() -> list[Case]:
 
     out: list[Case] = []
     size = {torch.float32: 4, torch.bfloat16: 2, torch.uint8: 1}
-    for B, F, D in ((4096, 784, 20), (512, 12288, 128), (8, 3 * 256 * 256, 256)):
+    # 5350 x 784: the fewest MNIST-sized rows of at least 2^22 elements (short rows, split in 3 chunks).
+    for B, F, D in ((5350, 784, 20), (512, 12288, 128), (8, 3 * 256 * 256, 256)):
         for label, xt, tt in (
             ("fp32", torch.float32, torch.float32),
             ("u8", torch.float32, torch.uint8),
@@ -200,6 +211,16 @@ def cases() -> list[Case]:
         lane = (8 + (4 if L > 1 else 0), 8 if L else 4)  # per-feature scales are loaded per lane
         name = f"vae_loss {label} fp32 {B}x{F} D={D}" + (f" L={L}" if L else "")
         out.append(Case(name, run_lik, bpe, lane, _loss_valid(F), elements=B * F))
+
+    # kl_divergence alone on a batch of 256 latents [4, 64, 64] (an image VAE's): rows split over D.
+    B, D = 256, 4 * 64 * 64
+    p = be.LossProblem(B, 0, D, be.RECON_NONE, be.REDUCE_MEAN, 1.0, 1.0 / B, True, torch.float32)
+
+    def run_kl(p=p) -> None:
+        fl.fused_loss(p, None, None, torch.empty(p.B, p.D), torch.empty(p.B, p.D))
+
+    # Reads mu and logvar, writes d mu and d logvar.
+    out.append(Case(f"kl_divergence fp32 {B}x{D}", run_kl, 16, (8, 8), _kl_valid(D), elements=B * D))
 
     for B, F, D in ((4096, 784, 20), (512, 12288, 128)):
 

@@ -393,7 +393,7 @@ def fused_loss_kernel(
     recon = tl.zeros([BLOCK_B], COMPUTE)
     if RECON != 0:
         f_lo = tl.minimum(chunk * f_chunk, F)
-        f_hi = tl.minimum(f_lo + f_chunk, F)
+        f_hi = tl.where(chunk == n_split - 1, F, tl.minimum(f_lo + f_chunk, F))  # the last chunk ends the row
         f_full = f_lo + ((f_hi - f_lo) // BLOCK_F) * BLOCK_F
         acc = tl.zeros([BLOCK_B, BLOCK_F], COMPUTE)
         for f0 in range(f_lo, f_full, BLOCK_F):
@@ -415,7 +415,7 @@ def fused_loss_kernel(
     kl = tl.zeros([BLOCK_B], COMPUTE)
     if HAS_KL:
         d_lo = tl.minimum(chunk * d_chunk, D)
-        d_hi = tl.minimum(d_lo + d_chunk, D)
+        d_hi = tl.where(chunk == n_split - 1, D, tl.minimum(d_lo + d_chunk, D))
         d_full = d_lo + ((d_hi - d_lo) // BLOCK_D) * BLOCK_D
         acc_kl = tl.zeros([BLOCK_B, BLOCK_D], COMPUTE)
         for d0 in range(d_lo, d_full, BLOCK_D):
@@ -548,7 +548,7 @@ def scale_grads_kernel(
     row_mask = (rows < B) & (g != 1.0)
     if HAS_X:
         f_lo = tl.minimum(chunk * f_chunk, F)
-        f_hi = tl.minimum(f_lo + f_chunk, F)
+        f_hi = tl.where(chunk == n_split - 1, F, tl.minimum(f_lo + f_chunk, F))  # the last chunk ends the row
         f_full = f_lo + ((f_hi - f_lo) // BLOCK_F) * BLOCK_F
         for f0 in range(f_lo, f_full, BLOCK_F):
             _scale_tile(dx_ptr, rows, row_mask, f0 + tl.arange(0, BLOCK_F), F, g, COMPUTE, False)
@@ -557,7 +557,7 @@ def scale_grads_kernel(
                 _scale_tile(dx_ptr, rows, row_mask, f_full + tl.arange(0, TAIL_F), F, g, COMPUTE, True)
     if HAS_KL:
         d_lo = tl.minimum(chunk * d_chunk, D)
-        d_hi = tl.minimum(d_lo + d_chunk, D)
+        d_hi = tl.where(chunk == n_split - 1, D, tl.minimum(d_lo + d_chunk, D))
         d_full = d_lo + ((d_hi - d_lo) // BLOCK_D) * BLOCK_D
         for d0 in range(d_lo, d_full, BLOCK_D):
             _scale_tile(dmu_ptr, rows, row_mask, d0 + tl.arange(0, BLOCK_D), D, g, COMPUTE, False)
@@ -608,10 +608,10 @@ def loss_config(B: int, F: int, D: int, element_size: int, target_u8: bool = Fal
     up to tile / threads elements a thread but stores at most 128 bits, and with 8 a thread the gradient
     went through shared memory, 2 BAR.SYNC an iteration) and for float64.
 
-    When there are fewer row blocks than TARGET_PROGRAMS and rows are long (at least 4 tiles), each row
-    is cut into n_split chunks of whole tiles: [8, 3 * 256 * 256] runs 8 * 192 programs, [512, 12288]
-    512 * 12 (at least 2 waves at any occupancy up to 16 programs an SM, for every shape of at least
-    2^22 elements).
+    When there are fewer row blocks than TARGET_PROGRAMS and rows span at least 2 tiles, each row is cut
+    into n_split chunks of whole tiles, the last one ending the row: [8, 3 * 256 * 256] runs 8 * 192
+    programs, [512, 12288] 512 * 12, [5350, 784] 1338 * 3 (chunks of 256, 256 and 272).  Every shape of
+    at least 2^22 elements then runs at least 2 waves at the kernels' occupancy (tests/test_aot_sm90.py).
     """
     tile = TILE // 2 if element_size == 8 else TILE
     per_thread = 4 if target_u8 or element_size == 8 else 8
@@ -621,11 +621,15 @@ def loss_config(B: int, F: int, D: int, element_size: int, target_u8: bool = Fal
     block_b = min(_pow2_ceil(max(B, 1)), max(1, tile // width))
     n_rb = _cdiv(max(B, 1), block_b)
     row, blk = (F, block_f) if F else (D, block_d)
+    # Tiles of a row, a partial tail counted when at least a quarter tile (784 = 3 * 256 + 16: 3).
+    n_tiles = row // blk + (4 * (row % blk) >= blk)
     n_split, chunk = 1, row
-    if n_rb < TARGET_PROGRAMS and row >= 4 * blk:
-        n_split = min(_cdiv(TARGET_PROGRAMS, n_rb), row // blk)
-        chunk = row // n_split // blk * blk  # whole tiles, rounded down: at least n_split chunks
-        n_split = _cdiv(row, chunk)
+    if n_rb < TARGET_PROGRAMS and n_tiles >= 2:
+        n_split = min(_cdiv(TARGET_PROGRAMS, n_rb), n_tiles)
+        chunk = max(1, row // n_split // blk) * blk  # whole tiles, rounded down
+        # A remainder under a quarter tile joins the last chunk (which always ends the row), else it is
+        # a chunk of its own.
+        n_split = row // chunk + (4 * (row % chunk) >= blk)
     if F:
         f_chunk = chunk
         d_chunk = _cdiv(_cdiv(D, n_split), block_d) * block_d if D else 0

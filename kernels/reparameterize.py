@@ -3,7 +3,9 @@
 ``eps`` never exists in memory: element i draws ``eps[i] = randn(key, n)``, n = ``offset + i``, normal
 ``n & 3`` of ``tl.randn4x(key, n >> 2)``: one Philox4x32-10 call (keyed by the 64-bit ``key``, int64
 counter ``n >> 2``) gives four words, Box-Muller on words (1, 2) and (3, 4) gives (r cos, r sin) twice
-(with a short-range sine and cosine instead of libdevice's), so four elements share a call.  The draw
+(with a short-range sine and cosine instead of libdevice's), so four elements share a call.  16-bit
+operands on a GPU take log, cosine and sine from MUFU (``_box_muller_mufu``, within a fraction of a
+16-bit rounding step of the exact draw); the interpreter, which runs no PTX, always draws exactly.  The draw
 depends on neither the block size nor the grid, and the backward regenerates it instead of loading it.
 ``key`` is a Python int (an explicit seed, passed by value) or a 1-element int64 tensor that the kernel
 loads: the host never reads it, so a replayed CUDA graph draws with whatever key the device holds at
@@ -24,6 +26,7 @@ import triton
 import triton.language as tl
 from fastvae.kernels.launch import Launcher
 from torch import Tensor
+from triton.runtime.jit import JITFunction
 
 from fastvae.backend import Key
 
@@ -142,13 +145,64 @@ def _box_muller(w1, w2):
     return r * c, r * s
 
 
+# One MUFU instruction each (PTX ``.approx.ftz.f32``; Triton's tl.log2 / tl.sin / tl.cos are libdevice's
+# accurate functions).  The interpreter runs no PTX: tests/conftest.py's ``mufu`` fixture stands in.
 @triton.jit
-def _randn4(seed, counter):
+def _lg2_mufu(x):
+    return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], tl.float32, True, 1)
+
+
+@triton.jit
+def _sin_mufu(x):
+    return tl.inline_asm_elementwise("sin.approx.ftz.f32 $0, $1;", "=f,f", [x], tl.float32, True, 1)
+
+
+@triton.jit
+def _cos_mufu(x):
+    return tl.inline_asm_elementwise("cos.approx.ftz.f32 $0, $1;", "=f,f", [x], tl.float32, True, 1)
+
+
+@triton.jit
+def _box_muller_mufu(w1, w2):
+    """``_box_muller`` to the precision of a 16-bit result in two thirds of its instructions: the draw of
+    16-bit outputs on the GPU.  Within 2^-15 |r| + 2^-18 of the float64 draw of the same float32
+    uniforms, a fraction of a float16 (2^-11 relative) or bfloat16 (2^-8) rounding step;
+    tests/test_triton_kernels.py runs it with each approximation off by its worst case.
+
+    - u1 exactly as ``_uniform`` (integer fold, I2F, floor, FMUL).  theta from |float(int32 w2)|
+      instead of the fold (|x| - 1 for x < 0): at most 2 pi 2^-31 larger, and the absolute value is an
+      operand modifier.
+    - r^2 = -2 ln u1.  For u1 <= 7/8, -2 ln 2 (lg2(a) + log2(c)) with a = u1 / c (c = 4.6566127342e-10)
+      from one MUFU.LG2 and one FFMA: lg2's error (2 ulp of lg2(a) < 31, CUDA's __log2f) is then under
+      4e-5 of r^2 >= 0.26.  Above 7/8, where that error would grow relative to r^2 -> 0, the series of
+      -2 ln(1 + f) to f^5 with f = u1 - 1 exact (truncation f^5 / 6 <= 2^-17.5 relative).
+    - r = sqrt.approx (2^-22 relative); cos and sin: MUFU.COS / MUFU.SIN, absolute error 2^-20.5 on
+      [-100 pi, 100 pi] (PTX ISA), theta in [0, 2 pi).
+    """
+    x1 = w1.to(tl.int32, bitcast=True)
+    a1 = tl.maximum((x1 ^ (x1 >> 31)).to(tl.float32), 214.74838256835938)  # u1 >= 1e-7
+    f = a1 * 4.6566127342e-10 - 1.0
+    q = tl.fma(f, -0.4, 0.5)  # -2 ln(1 + f) = f (-2 + f (1 + f (-2/3 + f (1/2 - 2/5 f))))
+    q = tl.fma(f, q, -0.6666666865348816)
+    q = tl.fma(f, q, 1.0)
+    q = tl.fma(f, q, -2.0)
+    r2 = tl.where(f > -0.125, f * q, tl.fma(_lg2_mufu(a1), -1.3862943611198906, 42.9751253139259))
+    r = tl.sqrt(r2)
+    theta = tl.abs(w2.to(tl.int32, bitcast=True).to(tl.float32)) * 2.925836017908523e-09  # f32(2 pi) c
+    return r * _cos_mufu(theta), r * _sin_mufu(theta)
+
+
+@triton.jit
+def _randn4(seed, counter, MUFU: tl.constexpr = False):
     """``tl.randn4x(seed, counter)``: the same Philox4x32-10 words and uniforms bit for bit, Box-Muller on
-    (u1, u2) -> (n1, n2) and on (u3, u4) -> (n3, n4)."""
+    (u1, u2) -> (n1, n2) and on (u3, u4) -> (n3, n4) (MUFU: ``_box_muller_mufu``, for 16-bit outputs)."""
     w1, w2, w3, w4 = _philox4x32_10(seed, counter)
-    n1, n2 = _box_muller(w1, w2)
-    n3, n4 = _box_muller(w3, w4)
+    if MUFU:
+        n1, n2 = _box_muller_mufu(w1, w2)
+        n3, n4 = _box_muller_mufu(w3, w4)
+    else:
+        n1, n2 = _box_muller(w1, w2)
+        n3, n4 = _box_muller(w3, w4)
     return n1, n2, n3, n4
 
 
@@ -164,6 +218,7 @@ def reparameterize_kernel(
     KEY_IS_PTR: tl.constexpr,
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 inputs
     SHIFT: tl.constexpr,  # offset & 3
+    MUFU: tl.constexpr,  # 16-bit operands on the GPU: eps from _box_muller_mufu
     BLOCK: tl.constexpr,
 ):
     """forward: out = a + exp(lv / 2) eps;  backward: out = d z/d lv * dz = 0.5 a exp(lv / 2) eps.
@@ -197,8 +252,8 @@ def reparameterize_kernel(
         # as two tiles so a thread's two consecutive quads are its own, [h, k, l, m] = quad 2 h + k,
         # normal 2 l + m; no layout conversion through shared memory before the loads' layout.
         pair = first + 2 * tl.arange(0, QUADS // 2)
-        e1, e2, e3, e4 = _randn4(seed, pair)
-        o1, o2, o3, o4 = _randn4(seed, pair + 1)
+        e1, e2, e3, e4 = _randn4(seed, pair, MUFU)
+        o1, o2, o3, o4 = _randn4(seed, pair + 1, MUFU)
         cos_half = tl.join(tl.join(e1, o1), tl.join(e3, o3))
         sin_half = tl.join(tl.join(e2, o2), tl.join(e4, o4))
     else:
@@ -215,6 +270,8 @@ def reparameterize_kernel(
 
 
 _LAUNCH: dict[tuple, tuple] = {}
+# Compiled for a GPU (not the interpreter, which runs no PTX): 16-bit operands then draw with MUFU.
+_COMPILED = isinstance(reparameterize_kernel, JITFunction)
 
 
 def _launch(a: Tensor, logvar: Tensor, key: Key, offset: int, backward: bool) -> Tensor:
@@ -231,7 +288,10 @@ def _launch(a: Tensor, logvar: Tensor, key: Key, offset: int, backward: bool) ->
         fp64 = a.dtype == torch.float64
         # float64 (gradcheck): half the elements a thread and no register cap, so nothing spills.
         block = BLOCK // 2 if fp64 else BLOCK
-        kw = dict(BACKWARD=backward, KEY_IS_PTR=key_is_ptr, SHIFT=shift, BLOCK=block, num_warps=NUM_WARPS)
+        mufu = a.element_size() == 2 and _COMPILED
+        kw = dict(
+            BACKWARD=backward, KEY_IS_PTR=key_is_ptr, SHIFT=shift, MUFU=mufu, BLOCK=block, num_warps=NUM_WARPS
+        )
         if fp64:
             kw["COMPUTE"] = tl.float64
         else:

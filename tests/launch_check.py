@@ -32,7 +32,9 @@ def main() -> int:
     from fastvae.kernels.launch import Launcher
     from fastvae.kernels.reparameterize import reparameterize_kernel as fn
 
-    kw = dict(BACKWARD=False, KEY_IS_PTR=False, COMPUTE=tl.float32, SHIFT=0, BLOCK=1024, num_warps=4)
+    kw = dict(
+        BACKWARD=False, KEY_IS_PTR=False, COMPUTE=tl.float32, SHIFT=0, MUFU=False, BLOCK=1024, num_warps=4
+    )
     flat = torch.randn(4097)
     a, lv, out = flat[:4096], torch.randn(4096), torch.empty(4096)
     launcher = Launcher(fn, (4,), kw)

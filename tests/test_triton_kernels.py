@@ -17,6 +17,7 @@ from conftest import device_only_key, rel_err, to_np
 from fastvae.kernels import fused_loss as fl
 from fastvae.kernels import reparameterize as rp
 
+from bench.gpu_proof import half_precision_excess
 from fastvae import reference
 from fastvae.backend import (
     RECON_BCE,
@@ -184,16 +185,23 @@ def test_no_grad_gives_distinct_empty_gradients(poison):
     assert all(g.numel() == 0 for g in out[3:])
 
 
+# (B, F, chunks): 9000 = 8 * 1024 + 808 (the 808 a chunk of its own), 784 = 256 + 256 + 272 (the
+# 16-wide tail joins the last chunk), 511 = 256 + 255 (a tail chunk), 1279 = 1024 + 255 (one chunk).
+SPLITS = [(2, 9000, 9), (5, 784, 3), (6, 511, 2), (3, 1279, 1)]
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_split_rows(poison, reduction):
-    """Few long rows: each row is cut into chunks (several programs a row) and finished in one launch."""
-    B, F, D = 2, 9000, 20  # 9000 = 8 * 1024 + 808: chunks of whole tiles, the last with a tail
+@pytest.mark.parametrize("B, F, chunks", SPLITS)
+def test_split_rows(poison, reduction, B, F, chunks):
+    """Few rows of 2 tiles or more: each row is cut into chunks (several programs a row), the last
+    ending the row, and finished in one launch."""
+    D = 20
     cfg = fl.loss_config(B, F, D, 4)
-    assert cfg[5] > 1  # n_split
+    assert cfg[5] == chunks and (chunks == 1 or cfg[6] % cfg[1] == 0)  # n_split, f_chunk whole tiles
     _check(_problem(B, F, D, RECON_BCE, REDUCTIONS[reduction]), *_inputs(B, F, D), TOL[torch.float32])
-    B, D = 3, 8200  # KL-only rows split over the latent dims
-    assert fl.loss_config(B, 0, D, 4)[5] > 1
-    _check(_problem(B, 0, D, RECON_NONE, REDUCTIONS[reduction]), *_inputs(B, 0, D), TOL[torch.float32])
+    # KL-only rows split over the latent dims, with the same rule
+    assert fl.loss_config(B, 0, F, 4)[5] == chunks
+    _check(_problem(B, 0, F, RECON_NONE, REDUCTIONS[reduction]), *_inputs(B, 0, F), TOL[torch.float32])
 
 
 def test_launch_config_rule():
@@ -210,6 +218,17 @@ def test_launch_config_rule():
     # Long rows of at least 2^22 elements in all: 2 waves even at 16 resident programs an SM.
     for B, F, size in ((512, 12288, 2), (512, 12288, 4), (64, 3 * 256 * 256, 4), (8, 4 * 512 * 512, 2)):
         assert fl.loss_config(B, F, 128, size)[8] >= 2 * 16 * 132, (B, F, size)
+    # Every row width of a shape of 2^22 elements (the fewest rows): at least 2 waves of the 48 warps an
+    # SM holds at 40 registers a thread (every fused-loss specialization uses 40 or more,
+    # tests/test_aot_sm90.py), for the loss and for the KL alone.
+    for F in [*range(1, 2100), *range(2100, 40000, 97)]:
+        B = -(-(2**22) // F)
+        for size, u8 in ((4, False), (2, False), (4, True), (8, False)):
+            cfg = fl.loss_config(B, F, 20, size, u8)
+            assert cfg[8] * cfg[9] >= 2 * 48 * 132, (B, F, size, u8, cfg)
+        cfg = fl.loss_config(B, 0, F, 4)
+        assert cfg[8] * cfg[9] >= 2 * 48 * 132, (B, F, cfg)
+    assert fl.loss_config(5350, 784, 20, 4)[5:9] == (3, 256, 16, 4014)
     assert fl.loss_config(128, 784, 20, 4) == fl.loss_config(128, 784, 20, 4)
     assert fl.loss_config(4096, 784, 20, 4)[-1] == 4 and fl.loss_config(4096, 784, 20, 4, True)[-1] == 8
 
@@ -655,6 +674,110 @@ def test_box_muller_log_and_sincos_within_ulps():
     ):
         ulps = np.abs(got.numpy() - want) / np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
         assert ulps.max() <= bound, (ulps.max(), int(np.argmax(ulps)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The MUFU draw of 16-bit outputs (compiled kernels only): here with its PTX approximations emulated.
+# ----------------------------------------------------------------------------------------------
+
+# Worst-case absolute errors of the approximations _box_muller_mufu uses, from its docstring:
+# lg2.approx (2 ulp of lg2(a) < 31 on its inputs, doubled), sin / cos.approx (PTX ISA).
+MUFU_BOUNDS = {"lg2": 2.0**-17, "sin": 2.0**-20.5, "cos": 2.0**-20.5}
+
+
+class _MufuEmulation:
+    """The interpreter's ``create_inline_asm`` for the ``lg2`` / ``sin`` / ``cos .approx.ftz.f32`` lines
+    of the reparameterize kernel: float64 values rounded to float32, plus ``error`` times the
+    instruction's worst-case error, with signs alternating over the elements."""
+
+    error = 0.0
+
+    def __call__(self, asm, constraints, values, *rest):
+        from types import SimpleNamespace
+
+        from triton.runtime import interpreter
+
+        op = asm.split(".")[0]
+        x = values[0].data.astype(np.float64)
+        y = {"lg2": np.log2, "sin": np.sin, "cos": np.cos}[op](x)
+        sign = np.where(np.arange(y.size).reshape(y.shape) % 2 == 0, 1.0, -1.0)
+        y = (y + sign * self.error * MUFU_BOUNDS[op]).astype(np.float32)
+        out = interpreter.TensorHandle(y, tl.float32)
+        return SimpleNamespace(get_result=lambda i: out)
+
+
+@pytest.fixture
+def mufu(monkeypatch):
+    """16-bit reparameterize launches take the GPU's MUFU path, its PTX emulated (``_MufuEmulation``)."""
+    if rp._COMPILED:
+        pytest.skip("compiled kernels run the PTX itself (bench/gpu_proof.py checks them on a GPU)")
+    from triton.runtime import interpreter
+
+    emulation = _MufuEmulation()
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_inline_asm", emulation)
+    monkeypatch.setattr(rp, "_COMPILED", True)
+    monkeypatch.setattr(rp, "_LAUNCH", {})
+    return emulation
+
+
+@triton.jit
+def _box_muller_mufu_kernel(w1_ptr, w2_ptr, cos_ptr, sin_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    c, s = rp._box_muller_mufu(tl.load(w1_ptr + i), tl.load(w2_ptr + i))
+    tl.store(cos_ptr + i, c)
+    tl.store(sin_ptr + i, s)
+
+
+@pytest.mark.parametrize("error", [0.0, 1.0])
+def test_box_muller_mufu_within_its_bound(mufu, error):
+    """r cos, r sin within 2^-15 r + 2^-18 of the float64 Box-Muller of the same float32 uniforms, for
+    words of every kind: u1 at its 1e-7 floor, on both sides of the 7/8 switch between MUFU.LG2 and the
+    series, next to 1 (r -> 0), negative and positive; with every approximation exact or at its worst."""
+    mufu.error = error
+    n = 1 << 15
+    gen = np.random.default_rng(5)
+    near = lambda v, k: np.concatenate([v + np.arange(-k, k), -(v + np.arange(-k, k)) - 1])
+    floor, switch, top = near(0, 600), near(int(0.875 * 2**31), 2000), near(2**31 - 2000, 2000)
+    x1 = np.concatenate([floor, switch, top, gen.integers(-(2**31), 2**31, n)])[:n]
+    x1 = np.clip(x1, -(2**31), 2**31 - 1).astype(np.int32)
+    x2 = np.concatenate([near(2**29 * j, 256) for j in range(1, 4)] + [gen.integers(-(2**31), 2**31, n)])[:n]
+    x2 = x2.astype(np.int32)
+    got_c, got_s = torch.empty(n), torch.empty(n)
+    _box_muller_mufu_kernel[(1,)](torch.from_numpy(x1), torch.from_numpy(x2), got_c, got_s, N=n)
+    u1 = reference._uint_to_uniform_float32(x1.view(np.uint32))
+    u2 = reference._uint_to_uniform_float32(x2.view(np.uint32))
+    want_c, want_s = reference._box_muller(u1, u2)
+    r = np.hypot(want_c, want_s)
+    for got, want in ((got_c, want_c), (got_s, want_s)):
+        excess = np.abs(got.numpy() - want) / (2.0**-15 * r + 2.0**-18)
+        assert excess.max() <= 1.0, (excess.max(), int(np.argmax(excess)), x1[np.argmax(excess)])
+
+
+@pytest.mark.parametrize("error", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reparameterize_mufu_path_within_one_step(poison, mufu, dtype, error):
+    """The 16-bit kernel as a GPU runs it: z and dlogvar within one rounding step of the output type of
+    the float64 reference (plus the draw's 2^-15 r + 2^-18 scaled by sigma), at offsets of every phase
+    mod 4 and past 2^32, forward and backward."""
+    mufu.error = error
+    n = 1029
+    for offset in (0, 1, 2, 3, 2**32 - 3):
+        mu, lv = _rep_inputs((n,), dtype, seed=offset % 97)
+        lv64 = to_np(lv)
+        mu64 = to_np(mu)
+        sigma, eps = np.exp(0.5 * lv64), reference.eps(11, (n,), offset)
+        name = str(dtype).removeprefix("torch.")
+        z = to_np(rp.reparameterize(mu, lv, 11, offset))
+        assert half_precision_excess(z, mu64 + sigma * eps, sigma, eps, name) <= 1.0, offset
+        # dlogvar = 0.5 dz sigma eps = sigma eps with dz = 2
+        dlv = to_np(rp.reparameterize_backward(torch.full((n,), 2.0, dtype=dtype), lv, 11, offset))
+        assert half_precision_excess(dlv, sigma * eps, sigma, eps, name) <= 1.0, offset
+    assert any(key[1] == dtype for key in rp._LAUNCH)  # through the MUFU launch configuration
+
+
+def test_mufu_path_only_where_compiled():
+    """The interpreter (no PTX) draws 16-bit outputs exactly; compiled kernels with MUFU."""
+    assert rp._COMPILED == isinstance(rp.reparameterize_kernel, triton.runtime.jit.JITFunction)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
