@@ -146,7 +146,8 @@ def _box_muller(w1, w2):
 
 
 # One MUFU instruction each (PTX ``.approx.ftz.f32``; Triton's tl.log2 / tl.sin / tl.cos are libdevice's
-# accurate functions).  The interpreter runs no PTX: tests/conftest.py's ``mufu`` fixture stands in.
+# accurate functions).  The interpreter runs no PTX: tests/test_triton_kernels.py's ``mufu`` fixture
+# stands in.
 @triton.jit
 def _lg2_mufu(x):
     return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], tl.float32, True, 1)
@@ -169,24 +170,26 @@ def _box_muller_mufu(w1, w2):
     uniforms, a fraction of a float16 (2^-11 relative) or bfloat16 (2^-8) rounding step;
     tests/test_triton_kernels.py runs it with each approximation off by its worst case.
 
-    - u1 exactly as ``_uniform`` (integer fold, I2F, floor, FMUL).  theta from |float(int32 w2)|
+    - u1 exactly as ``_uniform`` (integer fold, I2F, FMUL, floor).  theta from |float(int32 w2)|
       instead of the fold (|x| - 1 for x < 0): at most 2 pi 2^-31 larger, and the absolute value is an
       operand modifier.
-    - r^2 = -2 ln u1.  For u1 <= 7/8, -2 ln 2 (lg2(a) + log2(c)) with a = u1 / c (c = 4.6566127342e-10)
-      from one MUFU.LG2 and one FFMA: lg2's error (2 ulp of lg2(a) < 31, CUDA's __log2f) is then under
-      4e-5 of r^2 >= 0.26.  Above 7/8, where that error would grow relative to r^2 -> 0, the series of
-      -2 ln(1 + f) to f^5 with f = u1 - 1 exact (truncation f^5 / 6 <= 2^-17.5 relative).
+    - r^2 = -2 ln u1.  For u1 <= 7/8, -2 ln 2 lg2(u1) with MUFU.LG2, whose error (2^-22 absolute on
+      [1/2, 2], 2 ulp below: CUDA's __log2f) is then under 2^-19 of |lg2 u1| >= 0.19.  Above 7/8, where
+      that absolute error would grow relative to r^2 -> 0, the series of -2 ln(1 + f) to f^5 with
+      f = u1 - 1 (truncation f^5 / 6 <= 2^-17.5 relative).  The compiler contracts u1's product and
+      the subtraction into one FFMA, which skips u1's rounding; as c = 2^-31 (1 - 2^-24), that moves f
+      by at most 2^-24 relative (the test's words next to u1 = 1 pass either way).
     - r = sqrt.approx (2^-22 relative); cos and sin: MUFU.COS / MUFU.SIN, absolute error 2^-20.5 on
       [-100 pi, 100 pi] (PTX ISA), theta in [0, 2 pi).
     """
     x1 = w1.to(tl.int32, bitcast=True)
-    a1 = tl.maximum((x1 ^ (x1 >> 31)).to(tl.float32), 214.74838256835938)  # u1 >= 1e-7
-    f = a1 * 4.6566127342e-10 - 1.0
+    u1 = tl.maximum(1.0e-7, (x1 ^ (x1 >> 31)).to(tl.float32) * 4.6566127342e-10)
+    f = u1 - 1.0
     q = tl.fma(f, -0.4, 0.5)  # -2 ln(1 + f) = f (-2 + f (1 + f (-2/3 + f (1/2 - 2/5 f))))
     q = tl.fma(f, q, -0.6666666865348816)
     q = tl.fma(f, q, 1.0)
     q = tl.fma(f, q, -2.0)
-    r2 = tl.where(f > -0.125, f * q, tl.fma(_lg2_mufu(a1), -1.3862943611198906, 42.9751253139259))
+    r2 = tl.where(f > -0.125, f * q, _lg2_mufu(u1) * -1.3862943611198906)
     r = tl.sqrt(r2)
     theta = tl.abs(w2.to(tl.int32, bitcast=True).to(tl.float32)) * 2.925836017908523e-09  # f32(2 pi) c
     return r * _cos_mufu(theta), r * _sin_mufu(theta)
