@@ -12,7 +12,8 @@ Steps, each with its time budget (``STEPS``; they sum to at most ``TOTAL_BUDGET_
     env              device, driver, versions, clocks
     copy_bandwidth   device-to-device copy of 4 GiB: bytes read + written / median time (the ceiling)
     eps_reference    z = reparameterize(mu, logvar, seed, offset) over 2^20 elements against the float64
-                     NumPy reference (fastvae.reference), relative error < 1e-5
+                     NumPy reference (fastvae.reference), relative error < 1e-5; in float16 and
+                     bfloat16 (the MUFU draw) within one rounding step (``half_precision_excess`` <= 1)
     big_reparameterize  forward and backward over 2^31 + 2^20 elements (int64 counters and addresses):
                      eps recovered from z at indices around 2^31 and random ones against the reference,
                      and its mean / variance over all elements within 6 sigma of N(0, 1)
