@@ -599,7 +599,9 @@ def _tile(n: int, tile: int = TILE) -> tuple[int, int]:
         block //= 2
 
 
-def loss_config(B: int, F: int, D: int, element_size: int, target_u8: bool = False) -> tuple[int, ...]:
+def loss_config(
+    B: int, F: int, D: int, element_size: int, target_u8: bool = False, per_thread: int = 0
+) -> tuple[int, ...]:
     """(BLOCK_B, BLOCK_F, TAIL_F, BLOCK_D, TAIL_D, n_split, f_chunk, d_chunk, n_programs, num_warps).
 
     Tiles of about TILE elements (TILE / 2 for float64, whose 1024-wide tiles needed 168 registers and a
@@ -614,7 +616,7 @@ def loss_config(B: int, F: int, D: int, element_size: int, target_u8: bool = Fal
     at least 2^22 elements then runs at least 2 waves at the kernels' occupancy (tests/test_aot_sm90.py).
     """
     tile = TILE // 2 if element_size == 8 else TILE
-    per_thread = 4 if target_u8 or element_size == 8 else 8
+    per_thread = per_thread or (4 if target_u8 or element_size == 8 else 8)
     block_f, tail_f = _tile(F, tile)
     block_d, tail_d = _tile(D, tile)
     width = max(block_f if F else 1, block_d if D else 1)
@@ -639,7 +641,13 @@ def loss_config(B: int, F: int, D: int, element_size: int, target_u8: bool = Fal
     return block_b, block_f, tail_f, block_d, tail_d, n_split, f_chunk, d_chunk, n_rb * n_split, num_warps
 
 
-scale_config = loss_config  # scale_grads_ walks the gradients with the forward's tiles and chunks
+def scale_config(B: int, F: int, D: int, element_size: int) -> tuple[int, ...]:
+    """``loss_config``'s tiles, chunks and programs (scale_grads_ walks the gradients as the forward
+    wrote them) with one 128-bit access a thread: the scaling kernel holds 32 registers, so 16
+    programs of 4 warps fit an SM, and with two accesses a thread [5350, 784] (2^22 elements) would
+    run 1.9 waves; with one, 8-warp programs, 3.8."""
+    return loss_config(B, F, D, element_size, per_thread=16 // element_size)
+
 
 _COMPUTE = {torch.float64: tl.float64}  # every other dtype computes in float32
 _LOSS_LAUNCH: dict[tuple, tuple] = {}

@@ -228,6 +228,9 @@ def test_launch_config_rule():
             assert cfg[8] * cfg[9] >= 2 * 48 * 132, (B, F, size, u8, cfg)
         cfg = fl.loss_config(B, 0, F, 4)
         assert cfg[8] * cfg[9] >= 2 * 48 * 132, (B, F, cfg)
+        # the fp32 gradient scaling (32 registers): 2 waves even at all 64 warps an SM
+        cfg = fl.scale_config(B, F, 20, 4)
+        assert cfg[8] * cfg[9] >= 2 * 64 * 132 and cfg[:9] == fl.loss_config(B, F, 20, 4)[:9], (B, F, cfg)
     assert fl.loss_config(5350, 784, 20, 4)[5:9] == (3, 256, 16, 4014)
     assert fl.loss_config(128, 784, 20, 4) == fl.loss_config(128, 784, 20, 4)
     assert fl.loss_config(4096, 784, 20, 4)[-1] == 4 and fl.loss_config(4096, 784, 20, 4, True)[-1] == 8
