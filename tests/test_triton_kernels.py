@@ -204,6 +204,21 @@ def test_split_rows(poison, reduction, B, F, chunks):
     _check(_problem(B, 0, F, RECON_NONE, REDUCTIONS[reduction]), *_inputs(B, 0, F), TOL[torch.float32])
 
 
+def test_image_vae_shapes(poison):
+    """The issue's image-VAE shapes, split and finished in one launch, against the reference: the loss
+    on [8, 3, 256, 256] logits with [8, 4 * 64 * 64] latents (192 chunks a row, the mean over 1536
+    programs' partials), then its gradients scaled per row by scale_grads_; the KL alone on
+    [8, 4, 64, 64] latents per row (16 chunks a row)."""
+    B, F, D = 8, 3 * 256 * 256, 4 * 64 * 64
+    assert fl.loss_config(B, F, D, 4)[5] == 192 and fl.loss_config(B, 0, D, 4)[5] == 16
+    out = _check(_problem(B, F, D, RECON_BCE, REDUCTIONS["mean"]), *_inputs(B, F, D), TOL[torch.float32])
+    g = torch.linspace(0.5, 2.0, B)
+    want = [grad * g[:, None] for grad in out[3:6]]
+    fl.scale_grads_(g, *out[3:6])
+    assert all(torch.equal(a, w) for a, w in zip(out[3:6], want, strict=True))
+    _check(_problem(B, 0, D, RECON_NONE, REDUCTIONS["none"]), *_inputs(B, 0, D), TOL[torch.float32])
+
+
 def test_launch_config_rule():
     """Tiles that waste no lanes on common widths, and enough programs for few long rows."""
     assert fl._tile(784) == (256, 16)
