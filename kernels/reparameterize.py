@@ -165,7 +165,7 @@ def _cos_mufu(x):
 
 @triton.jit
 def _box_muller_mufu(w1, w2):
-    """``_box_muller`` to the precision of a 16-bit result in two thirds of its instructions: the draw of
+    """``_box_muller`` to the precision of a 16-bit result in about half its instructions: the draw of
     16-bit outputs on the GPU.  Within 2^-15 |r| + 2^-18 of the float64 draw of the same float32
     uniforms, a fraction of a float16 (2^-11 relative) or bfloat16 (2^-8) rounding step;
     tests/test_triton_kernels.py runs it with each approximation off by its worst case.
