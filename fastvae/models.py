@@ -21,8 +21,9 @@ Typical training step::
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +32,20 @@ from torch import nn
 from .ops import reparameterize
 
 __all__ = ["VAEBase", "MLPVAE", "ConvVAE", "build_model", "MODELS", "MAX_PARAMETERS", "MAX_LAYERS"]
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` and ``torch.no_grad()`` inside; the model's previous mode restored after (the
+    Trainer's evaluation and the pictures)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
 
 # Bounds checked before any layer is allocated, so that a config from an untrusted checkpoint
 # (e.g. ``hidden: [400000000]``: 6.5e11 parameters, 2.6 TB of float32) is refused in one line instead

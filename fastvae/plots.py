@@ -16,10 +16,9 @@ Display conventions:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Ellipse
 from matplotlib.ticker import MaxNLocator
 from torch import nn
+
+from .models import evaluating
 
 __all__ = [
     "plot_reconstructions",
@@ -54,18 +55,6 @@ _DPI = 100
 _ENCODE_CHUNK = 2048
 
 PathLike = str | os.PathLike
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for the duration; the previous training mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -155,7 +144,7 @@ def plot_reconstructions(model: nn.Module, images: torch.Tensor, path: PathLike,
         raise ValueError("plot_reconstructions needs at least one image, got an empty tensor")
     x = images[:n]
     n = x.shape[0]
-    with _evaluating(model):
+    with evaluating(model):
         recon = model.reconstruct(x.to(_device(model)))
     inputs, outputs = _to_unit(x), _to_unit(recon)
     shape = _display_shape(model.in_shape)
@@ -197,7 +186,7 @@ def plot_samples(
     """
     if n < 1:
         raise ValueError(f"n must be a positive integer, got {n}")
-    with _evaluating(model):
+    with evaluating(model):
         samples = _to_unit(model.sample(n, generator=generator))
     shape = _display_shape(model.in_shape)
     if shape is None:
@@ -261,7 +250,7 @@ def plot_latent(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | N
         raise ValueError("plot_latent needs at least one image, got an empty tensor")
     if labels is not None and labels.shape[0] != images.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries but images has {images.shape[0]}")
-    with _evaluating(model):
+    with evaluating(model):
         mu = _encode_means(model, images)
     latent = mu.shape[1]
     y = None if labels is None else labels.detach().cpu().numpy()
@@ -352,7 +341,7 @@ def _manifold_figure(model: nn.Module, n: int, span: float, images: torch.Tensor
         z, labels = plane, ["z[0]", "z[1]"]
         title = f"decoded latent plane, {n}x{n} grid over [-{span:g}, {span:g}]^2"
     else:
-        with _evaluating(model):
+        with evaluating(model):
             mu = _encode_means(model, images).double()
         centre, comps, std, labels = _pca_plane(mu)
         z = centre + (plane * std) @ comps
@@ -367,7 +356,7 @@ def _manifold_figure(model: nn.Module, n: int, span: float, images: torch.Tensor
             "so they fade"
         )
     param = next(model.parameters())
-    with _evaluating(model):
+    with evaluating(model):
         decoded = _to_unit(torch.sigmoid(model.decode(z.to(device=param.device, dtype=param.dtype))))
     grid = _grid(decoded, shape, n, pad=0)
     fig = Figure(figsize=(8, 8), layout="constrained")

@@ -40,7 +40,6 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ from . import data as _data
 from . import distributed, ops
 from .checkpoint import METRICS_NAME, CheckpointError, RunLock, RunLockedError
 from .config import BETA_MAX, RunConfig, TrainConfig, check_device
+from .models import evaluating
 from .progress import EpochBar, print_epoch
 
 __all__ = [
@@ -180,18 +180,6 @@ class _SampledForward(nn.Module):
             return self._call(x)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` and ``torch.no_grad()`` inside; the model's previous mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def sampled_terms(
     forward: nn.Module,
     images: torch.Tensor,
@@ -207,7 +195,7 @@ def sampled_terms(
     every epoch).  ``forward`` is a :class:`_SampledForward`; chunk ``i`` of ``batch_size`` rows moves
     to ``device`` (one copy of its bytes; a no-op for data already there) and its ``z`` is drawn
     ``samples`` times with seeds ``mix(seed, i * samples + s)``; the terms are averaged over the draws.
-    Call it in eval mode under ``no_grad`` (:func:`_eval_mode`).
+    Call it in eval mode under ``no_grad`` (:func:`evaluating`).
     """
     out = []
     for i, start in enumerate(range(0, images.shape[0], batch_size)):
@@ -247,7 +235,7 @@ def score_samples(
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     images, _ = _split_data(images, "images")
     where = next(model.parameters()).device if device is None else resolve_device(device)
-    with _eval_mode(model):
+    with evaluating(model):
         terms = sampled_terms(
             _SampledForward(model), images, where, seed=seed, samples=samples, batch_size=batch_size
         )
@@ -519,7 +507,7 @@ class Trainer:
 
     def _evaluate(self, images: torch.Tensor) -> dict[str, float]:
         """:meth:`evaluate` of checked images: the per-sample terms summed in float64, over ``N``."""
-        with _eval_mode(self.model):
+        with evaluating(self.model):
             terms = sampled_terms(self._forward, images, self.device)
         loss, recon, kl = (v / images.shape[0] for v in terms.double().sum(0).tolist())
         return {"loss": loss, "recon": recon, "kl": kl}
