@@ -53,7 +53,7 @@ def batches(n: int, device: str = "cpu") -> list[torch.Tensor]:
     return [torch.randint(0, 256, SHAPE, generator=gen, dtype=torch.uint8).to(device) for _ in range(n)]
 
 
-def graphed(model, opt, on: str = "cpu", **kw) -> GraphedStep:
+def graphed(model, opt, on: str = "cpu", step_objective=objective, **kw) -> GraphedStep:
     """The GraphedStep of the tests (eager, no warm-up, no clipping) with ``kw`` overriding its arguments."""
     args = dict(
         batch_shape=SHAPE,
@@ -65,7 +65,7 @@ def graphed(model, opt, on: str = "cpu", **kw) -> GraphedStep:
         grad_clip=None,
         capture=False,
     )
-    return GraphedStep(model, opt, objective, **{**args, **kw})
+    return GraphedStep(model, opt, step_objective, **{**args, **kw})
 
 
 def beta_host(beta: float, kl_warmup: int, step: int) -> float:
@@ -302,35 +302,11 @@ def test_bad_arguments_are_named(kw, error, message):
 def test_bad_model_optimizer_objective():
     model, opt = make()
     with pytest.raises(TypeError, match="model must be an nn.Module with encode"):
-        GraphedStep(
-            torch.nn.Linear(2, 2),
-            opt,
-            objective,
-            batch_shape=SHAPE,
-            dtype=torch.uint8,
-            device=torch.device("cpu"),
-            beta=1.0,
-            kl_warmup=0,
-            free_bits=0.0,
-            grad_clip=None,
-            capture=False,
-        )
+        graphed(torch.nn.Linear(2, 2), opt)
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got dict"):
         graphed(model, {})
     with pytest.raises(TypeError, match="objective must be callable"):
-        GraphedStep(
-            model,
-            opt,
-            None,
-            batch_shape=SHAPE,
-            dtype=torch.uint8,
-            device=torch.device("cpu"),
-            beta=1.0,
-            kl_warmup=0,
-            free_bits=0.0,
-            grad_clip=None,
-            capture=False,
-        )
+        graphed(model, opt, step_objective=None)
 
 
 def test_replaced_buffers_are_refused():
