@@ -131,23 +131,14 @@ def _const(launch: Launch, name: str) -> int:
     return int(getattr(v, "value", v))
 
 
-def _loss_valid(F: int) -> Callable[[Launch], tuple[int, int]]:
-    """A fused-loss / scale tile is BLOCK_B rows x BLOCK_F columns; min(F, BLOCK_F) of them are valid
-    (the full-tile main loop runs only when F >= BLOCK_F: then all are)."""
+def _loss_valid(n: int, block: str = "BLOCK_F") -> Callable[[Launch], tuple[int, int]]:
+    """A fused-loss / scale tile is BLOCK_B rows x ``block`` columns (BLOCK_F features, or BLOCK_D latent
+    dims for the KL alone); min(n, block) of them are valid (the full-tile main loop runs only when
+    n >= block: then all are)."""
 
     def valid(launch: Launch) -> tuple[int, int]:
-        bb, bf = _const(launch, "BLOCK_B"), _const(launch, "BLOCK_F")
-        return bb * bf, bb * min(F, bf)
-
-    return valid
-
-
-def _kl_valid(D: int) -> Callable[[Launch], tuple[int, int]]:
-    """A KL-only tile is BLOCK_B rows x BLOCK_D latent dims."""
-
-    def valid(launch: Launch) -> tuple[int, int]:
-        bb, bd = _const(launch, "BLOCK_B"), _const(launch, "BLOCK_D")
-        return bb * bd, bb * min(D, bd)
+        bb, bn = _const(launch, "BLOCK_B"), _const(launch, block)
+        return bb * bn, bb * min(n, bn)
 
     return valid
 
@@ -220,7 +211,8 @@ def cases() -> list[Case]:
         fl.fused_loss(p, None, None, torch.empty(p.B, p.D), torch.empty(p.B, p.D))
 
     # Reads mu and logvar, writes d mu and d logvar.
-    out.append(Case(f"kl_divergence fp32 {B}x{D}", run_kl, 16, (8, 8), _kl_valid(D), elements=B * D))
+    kl_valid = _loss_valid(D, "BLOCK_D")
+    out.append(Case(f"kl_divergence fp32 {B}x{D}", run_kl, 16, (8, 8), kl_valid, elements=B * D))
 
     for B, F, D in ((5350, 784, 20), (512, 12288, 128)):
 
