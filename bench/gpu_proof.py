@@ -206,12 +206,13 @@ HALF_FORMATS = {"float16": (10, -14), "bfloat16": (7, -126)}
 
 def half_precision_excess(got, want, sigma, eps, dtype: str) -> float:
     """max |got - want| / (one rounding step of ``dtype`` at the larger of |got|, |want| + sigma
-    (2^-14 |eps| + 2^-17)): at most 1 for a 16-bit reparameterize (``z`` or ``dlogvar / (dz / 2)``)
-    whose eps is within the MUFU draw's bound (``_box_muller_mufu``: 2^-15 r + 2^-18) of ``eps``."""
+    (2^-15 |eps| + 2^-16)): at most 1 for a 16-bit reparameterize (``z`` or ``dlogvar / (dz / 2)``)
+    whose sigma eps is within twice the MUFU draw's bound (``_box_muller_mufu``: sigma (2^-16 |eps| +
+    2^-19 r), r <= 5.7) of the exact one."""
     mant, emin = HALF_FORMATS[dtype]
     mag = np.maximum(np.maximum(np.abs(got), np.abs(want)), 2.0**emin)
     step = 2.0 ** (np.floor(np.log2(mag)) - mant)
-    return float(np.max(np.abs(got - want) / (step + sigma * (2.0**-14 * np.abs(eps) + 2.0**-17))))
+    return float(np.max(np.abs(got - want) / (step + sigma * (2.0**-15 * np.abs(eps) + 2.0**-16))))
 
 
 def step_eps_reference(ctx: Ctx) -> dict:

@@ -33,7 +33,15 @@ def main() -> int:
     from fastvae.kernels.reparameterize import reparameterize_kernel as fn
 
     kw = dict(
-        BACKWARD=False, KEY_IS_PTR=False, COMPUTE=tl.float32, SHIFT=0, MUFU=False, BLOCK=1024, num_warps=4
+        BACKWARD=False,
+        KEY_IS_PTR=False,
+        COMPUTE=tl.float32,
+        SHIFT=0,
+        EVEN=True,
+        PTX=True,
+        MUFU=False,
+        BLOCK=1024,
+        num_warps=4,
     )
     flat = torch.randn(4097)
     a, lv, out = flat[:4096], torch.randn(4096), torch.empty(4096)

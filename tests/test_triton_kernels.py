@@ -8,6 +8,8 @@ last-program finish) while the file stays fast under the interpreter.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -589,7 +591,8 @@ def _rep_inputs(shape, dtype=torch.float32, seed=1):
     return torch.randn(shape, generator=g).to(dtype), (torch.randn(shape, generator=g) * 0.5).to(dtype)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 20), (127, 129), (1000, 7)])
+# (64, 64): whole tiles (EVEN, no masks) at offset 0
+@pytest.mark.parametrize("shape", [(1, 1), (3, 20), (127, 129), (1000, 7), (64, 64)])
 @pytest.mark.parametrize("offset", [0, 12345])
 def test_reparameterize(poison, shape, offset):
     mu, lv = _rep_inputs(shape)
@@ -600,6 +603,9 @@ def test_reparameterize(poison, shape, offset):
     dz = torch.randn(shape)
     dlv = rp.reparameterize_backward(dz, lv, seed, offset)
     assert rel_err(dlv, reference.reparameterize_backward(to_np(dz), to_np(lv), seed, offset)[1]) < 1e-5
+    n = shape[0] * shape[1]
+    even = rp._LAUNCH[(n, torch.float32, True, False, offset & 3)].kwargs["EVEN"]
+    assert even == (n % 1024 == 0 and offset % 4 == 0)
 
 
 def test_reparameterize_key_tensor_never_read_on_host(poison):
@@ -695,19 +701,26 @@ def test_box_muller_log_and_sincos_within_ulps():
 
 
 # ----------------------------------------------------------------------------------------------
-# The MUFU draw of 16-bit outputs (compiled kernels only): here with its PTX approximations emulated.
+# The GPU's code path (its PTX lines; the MUFU draw of 16-bit outputs): here with the PTX emulated.
 # ----------------------------------------------------------------------------------------------
 
-# Worst-case absolute errors of the approximations _box_muller_mufu uses, from its docstring:
-# lg2.approx (2^-22 on [1/2, 2], below 2 ulp of |lg2 u1| <= 23.3: 2^-18; doubled), sin / cos.approx
-# (PTX ISA).
-MUFU_BOUNDS = {"lg2": 2.0**-17, "sin": 2.0**-20.5, "cos": 2.0**-20.5}
+
+def _lg2_worst(x, y):
+    """lg2.approx's documented worst case (CUDA's __log2f): 2^-22 absolute on [1/2, 2], else 2 ulp."""
+    return np.where((x >= 0.5) & (x <= 2.0), 2.0**-22, 2.0 * np.spacing(np.abs(y).astype(np.float32)))
 
 
-class _MufuEmulation:
-    """The interpreter's ``create_inline_asm`` for the ``lg2`` / ``sin`` / ``cos .approx.ftz.f32`` lines
-    of the reparameterize kernel: float64 values rounded to float32, plus ``error`` times the
-    instruction's worst-case error, with signs alternating over the elements."""
+# The documented worst-case absolute errors of the MUFU lines (PTX ISA; CUDA's __log2f).
+MUFU_WORST = {"lg2": _lg2_worst, "sin": lambda x, y: 2.0**-20.5, "cos": lambda x, y: 2.0**-20.5}
+
+
+class _PtxEmulation:
+    """The interpreter's ``create_inline_asm`` for the PTX lines of the reparameterize kernel.
+
+    - ``lg2`` / ``sin`` / ``cos .approx.ftz.f32``: float64 values rounded to float32, plus ``error``
+      times the instruction's documented worst case, with signs alternating over the elements.
+    - ``mul.wide.u32`` (Philox's products) and the bfloat16 widening (``shl.b32`` / ``and.b32``): exact,
+      on the bits, as the PTX defines them."""
 
     error = 0.0
 
@@ -717,22 +730,30 @@ class _MufuEmulation:
         from triton.runtime import interpreter
 
         op = asm.split(".")[0]
-        x = values[0].data.astype(np.float64)
-        y = {"lg2": np.log2, "sin": np.sin, "cos": np.cos}[op](x)
-        sign = np.where(np.arange(y.size).reshape(y.shape) % 2 == 0, 1.0, -1.0)
-        y = (y + sign * self.error * MUFU_BOUNDS[op]).astype(np.float32)
-        out = interpreter.TensorHandle(y, tl.float32)
+        if op == "mul":
+            a, b = (v.data.astype(np.uint64) for v in values)
+            out = interpreter.TensorHandle(a * b, tl.uint64)
+        elif op == "shl":  # bfloat16 bits (the interpreter stores them as uint16) to float32 bits
+            bits = values[0].data.astype(np.uint32) << 16
+            out = interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+        else:
+            x = values[0].data.astype(np.float64)
+            y = {"lg2": np.log2, "sin": np.sin, "cos": np.cos}[op](x)
+            sign = np.where(np.arange(y.size).reshape(y.shape) % 2 == 0, 1.0, -1.0)
+            y = (y + sign * self.error * MUFU_WORST[op](x, y)).astype(np.float32)
+            out = interpreter.TensorHandle(y, tl.float32)
         return SimpleNamespace(get_result=lambda i: out)
 
 
 @pytest.fixture
 def mufu(monkeypatch):
-    """16-bit reparameterize launches take the GPU's MUFU path, its PTX emulated (``_MufuEmulation``)."""
+    """Launches take the GPU's code path (``PTX``; 16-bit ones the MUFU draw), its PTX emulated
+    (``_PtxEmulation``)."""
     if rp._COMPILED:
         pytest.skip("compiled kernels run the PTX itself (bench/gpu_proof.py checks them on a GPU)")
     from triton.runtime import interpreter
 
-    emulation = _MufuEmulation()
+    emulation = _PtxEmulation()
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_inline_asm", emulation)
     monkeypatch.setattr(rp, "_COMPILED", True)
     monkeypatch.setattr(rp, "_LAUNCH", {})
@@ -742,21 +763,28 @@ def mufu(monkeypatch):
 @triton.jit
 def _box_muller_mufu_kernel(w1_ptr, w2_ptr, cos_ptr, sin_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
-    c, s = rp._box_muller_mufu(tl.load(w1_ptr + i), tl.load(w2_ptr + i))
-    tl.store(cos_ptr + i, c)
-    tl.store(sin_ptr + i, s)
+    log2_r, c, s = rp._box_muller_mufu(tl.load(w1_ptr + i), tl.load(w2_ptr + i))
+    r = tl.exp2(log2_r)
+    tl.store(cos_ptr + i, r * c)
+    tl.store(sin_ptr + i, r * s)
 
 
-@pytest.mark.parametrize("error", [0.0, 1.0])
+# The MUFU draw's bound (kernels/reparameterize.py::_box_muller_mufu), for a normal n of radius r.
+def _mufu_bound(n, r):
+    return 2.0**-16 * np.abs(n) + 2.0**-19 * r
+
+
+@pytest.mark.parametrize("error", [0.0, 1.0, 2.0])
 def test_box_muller_mufu_within_its_bound(mufu, error):
-    """r cos, r sin within 2^-15 r + 2^-18 of the float64 Box-Muller of the same float32 uniforms, for
-    words of every kind: u1 at its 1e-7 floor, on both sides of the 7/8 switch between MUFU.LG2 and the
-    series, next to 1 (r -> 0), negative and positive; with every approximation exact or at its worst."""
+    """2^(log2 r) cos, 2^(log2 r) sin within 2^-16 |n| + 2^-19 r of the float64 Box-Muller n of the same
+    float32 uniforms, for words of every kind: u1 at its 1e-7 floor, on both sides of the 1 - 2^-6
+    switch between MUFU.LG2 and the series, next to 1 (r -> 0), negative and positive; with every
+    approximation exact, at its documented worst or at twice that."""
     mufu.error = error
     n = 1 << 15
     gen = np.random.default_rng(5)
     near = lambda v, k: np.concatenate([v + np.arange(-k, k), -(v + np.arange(-k, k)) - 1])
-    floor, switch, top = near(0, 600), near(int(0.875 * 2**31), 2000), near(2**31 - 2000, 2000)
+    floor, switch, top = near(0, 600), near(2**31 - 2**25, 2000), near(2**31 - 2000, 2000)
     x1 = np.concatenate([floor, switch, top, gen.integers(-(2**31), 2**31, n)])[:n]
     x1 = np.clip(x1, -(2**31), 2**31 - 1).astype(np.int32)
     x2 = np.concatenate([near(2**29 * j, 256) for j in range(1, 4)] + [gen.integers(-(2**31), 2**31, n)])[:n]
@@ -768,19 +796,18 @@ def test_box_muller_mufu_within_its_bound(mufu, error):
     want_c, want_s = reference._box_muller(u1, u2)
     r = np.hypot(want_c, want_s)
     for got, want in ((got_c, want_c), (got_s, want_s)):
-        excess = np.abs(got.numpy() - want) / (2.0**-15 * r + 2.0**-18)
+        excess = np.abs(got.numpy() - want) / _mufu_bound(want, r)
         assert excess.max() <= 1.0, (excess.max(), int(np.argmax(excess)), x1[np.argmax(excess)])
 
 
-@pytest.mark.parametrize("error", [0.0, 1.0])
+@pytest.mark.parametrize("error", [0.0, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reparameterize_mufu_path_within_one_step(poison, mufu, dtype, error):
     """The 16-bit kernel as a GPU runs it: z and dlogvar within one rounding step of the output type of
-    the float64 reference (plus the draw's 2^-15 r + 2^-18 scaled by sigma), at offsets of every phase
-    mod 4 and past 2^32, forward and backward."""
+    the float64 reference (plus the draw's bound scaled by sigma), at offsets of every phase mod 4 and
+    past 2^32, forward and backward, with the MUFU lines exact or at twice their worst case."""
     mufu.error = error
-    n = 1029
-    for offset in (0, 1, 2, 3, 2**32 - 3):
+    for n, offset in itertools.product((1029, 2048), (0, 1, 2, 3, 2**32 - 3)):  # 2048, 0: EVEN
         mu, lv = _rep_inputs((n,), dtype, seed=offset % 97)
         mu64, lv64 = to_np(mu), to_np(lv)
         sigma, eps = np.exp(0.5 * lv64), reference.eps(11, (n,), offset)
@@ -793,6 +820,22 @@ def test_reparameterize_mufu_path_within_one_step(poison, mufu, dtype, error):
     assert any(key[1] == dtype for key in rp._LAUNCH)  # through the MUFU launch configuration
 
 
+@pytest.mark.parametrize("shape", [(1,), (5,), (1029,), (4099,)])
+def test_reparameterize_ptx_philox_is_the_same_draw(poison, mufu, shape):
+    """float32 on the GPU's path (Philox's products as ``mul.wide.u32``) gives the interpreter's bits,
+    forward and backward, at offsets of every phase mod 4 and past 2^32."""
+    mu, lv = _rep_inputs(shape)
+    for offset in (0, 1, 2, 3, 2**32 - 3):
+        rp._COMPILED = True
+        z, dlv = rp.reparameterize(mu, lv, 11, offset), rp.reparameterize_backward(mu, lv, 11, offset)
+        assert all(launch.kwargs["PTX"] for launch in rp._LAUNCH.values())
+        rp._COMPILED = False
+        rp._LAUNCH.clear()
+        assert torch.equal(z, rp.reparameterize(mu, lv, 11, offset)), offset
+        assert torch.equal(dlv, rp.reparameterize_backward(mu, lv, 11, offset)), offset
+        rp._LAUNCH.clear()
+
+
 def test_interpreter_draws_16_bit_outputs_exactly():
     """No PTX under the interpreter: 16-bit launches take the exact draw (MUFU off); compiled ones take
     MUFU (tests/test_aot_sm90.py reads it in their specialization)."""
@@ -801,7 +844,8 @@ def test_interpreter_draws_16_bit_outputs_exactly():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         rp.reparameterize(torch.zeros(5, dtype=dtype), torch.zeros(5, dtype=dtype), 3, 0)
     launchers = [launch for key, launch in rp._LAUNCH.items() if key[0] == 5]
-    assert len(launchers) >= 3 and all(launch.kwargs["MUFU"] is False for launch in launchers)
+    assert len(launchers) >= 3
+    assert not any(launch.kwargs["MUFU"] or launch.kwargs["PTX"] for launch in launchers)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
