@@ -29,7 +29,9 @@ cosf's reduction of large arguments), which are left out like code placed after 
 
 Writes a JSON record (``bench/out/`` by default, ``bench/results/`` with ``--record``) and prints a
 markdown table; ``--record`` also replaces the section of ``bench/README.md`` between
-``<!-- static:begin -->`` and ``<!-- static:end -->``.
+``<!-- static:begin -->`` and ``<!-- static:end -->``.  ``--variants`` instead compiles every
+specialization a reparameterize call can pick (``reparameterize_variants``), for the compile-only checks
+of ``tests/test_aot_sm90.py``.
 """
 
 from __future__ import annotations
@@ -258,6 +260,43 @@ def recording(into: list[Launch]) -> Iterator[None]:
         yield
     finally:
         JITFunction.run = original
+
+
+def reparameterize_variants(cc: int = 90) -> list[dict]:
+    """Every reparameterize specialization a call can pick (dtype, direction, key as a tensor or an int,
+    offset phase and whole or partial tiles), compiled for ``cc``: registers, stack, local memory, spill
+    instructions (STL / LDL) and MUFU instructions.  The static cases measure four of them in depth;
+    a GPU compiles whichever a call picks, so each must at least compile, without a stack or a spill."""
+    import torch
+    from fastvae.kernels import reparameterize as rp
+
+    out = []
+    for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for direction, fn in (("fwd", rp.reparameterize), ("bwd", rp.reparameterize_backward)):
+            # whole tiles at offset 0 (EVEN); a tail at phase 1; a tail past 2^32 at phase 3
+            for key_kind, n, offset in (("tensor", 4096, 0), ("int", 4099, 1), ("tensor", 4100, 2**32 + 3)):
+                key = torch.zeros(1, dtype=torch.int64) if key_kind == "tensor" else 7
+                launches: list[Launch] = []
+                rp._LAUNCH.clear()
+                with recording(launches):
+                    fn(torch.empty(n, dtype=dt), torch.empty(n, dtype=dt), key, offset)
+                (launch,) = launches
+                usage, sass = disassemble(compile_launch(launch, cc).asm["cubin"])
+                code = parse_sass(sass)
+                dtype = str(dt).removeprefix("torch.")
+                out.append(
+                    {
+                        "name": f"reparameterize {direction} {dtype} key={key_kind} n={n} offset={offset}",
+                        "constexprs": {k: str(v) for k, v in launch.kwargs.items() if k.isupper()},
+                        "registers": usage.get("REG", 0),
+                        "stack": usage.get("STACK", 0),
+                        "local": usage.get("LOCAL", 0),
+                        "spills": sum(i.base in ("STL", "LDL") for i in code),
+                        "mufu": sum(i.base == "MUFU" for i in code),
+                    }
+                )
+    rp._LAUNCH.clear()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -686,6 +725,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--budget-rows", action="store_true", help="also print the budget rows of tests/test_aot_sm90.py"
     )
+    ap.add_argument(
+        "--variants",
+        action="store_true",
+        help="instead: compile every reparameterize specialization for the first --arch and write (or print) "
+        "their registers, stack, local memory, spills and MUFU count as JSON",
+    )
     args = ap.parse_args(argv)
     try:
         args.cc = [int(a) for a in args.arch.split(",") if a.strip()]
@@ -705,6 +750,13 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, "-m", "bench.static", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.run(cmd, env=env, cwd=ROOT).returncode
+    if args.variants:
+        text = json.dumps(reparameterize_variants(args.cc[0]), indent=1) + "\n"
+        if args.json:
+            args.json.write_text(text)
+        else:
+            print(text, end="")
+        return 0
     record = meta(args.cc)
     record["kernels"] = collect(args.cc, args.select)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")

@@ -120,6 +120,32 @@ def test_shapes_of_2_22_elements_run_2_waves(kernels):
     assert not low, f"(case, programs, resident programs an SM, waves): {low}"
 
 
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory) -> list[dict]:
+    """``python -m bench.static --variants``: every reparameterize specialization, compiled for sm_90."""
+    path = tmp_path_factory.mktemp("variants") / "variants.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "bench.static", "--arch", "90", "--variants", "--json", str(path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(path.read_text())
+
+
+def test_every_reparameterize_specialization_compiles(variants):
+    """Each dtype and direction, the key as a tensor or an int, whole tiles and tails at offset phases
+    0, 1 and 3: compiled for sm_90 with no stack, local memory or spill; the 16-bit ones draw with MUFU
+    (EX2 an element, two LG2, COS and SIN a pair: 24 for a thread's 8), the others do not."""
+    assert len(variants) == 24
+    for v in variants:
+        c = v["constexprs"]
+        half = " float16 " in v["name"] or " bfloat16 " in v["name"]
+        assert (v["stack"], v["local"], v["spills"]) == (0, 0, 0), v
+        assert c["PTX"] == "True" and c["MUFU"] == str(half), v
+        assert c["EVEN"] == str(" n=4096 " in v["name"]), v
+        assert (v["mufu"] == 24) if half else (v["mufu"] <= 12), v
+        assert " float64 " in v["name"] or v["registers"] <= 64, v
+
+
 def test_16_bit_reparameterize_draws_with_mufu(kernels):
     """bf16 reparameterize compiles the MUFU draw (EX2 an element, two LG2, COS and SIN a pair: 3 an
     element); fp32 keeps the exact one (EX2 for exp(lv / 2) and SQRT: 1.5 an element)."""
