@@ -30,8 +30,9 @@ cosf's reduction of large arguments), which are left out like code placed after 
 Writes a JSON record (``bench/out/`` by default, ``bench/results/`` with ``--record``) and prints a
 markdown table; ``--record`` also replaces the section of ``bench/README.md`` between
 ``<!-- static:begin -->`` and ``<!-- static:end -->``.  ``--variants`` instead compiles every
-specialization a reparameterize call can pick (``reparameterize_variants``), for the compile-only checks
-of ``tests/test_aot_sm90.py``.
+specialization a reparameterize call can pick and the fused-loss and gradient-scaling ones the cases
+leave out (``reparameterize_variants``, ``loss_variants``), for the compile-only checks of
+``tests/test_aot_sm90.py``.
 """
 
 from __future__ import annotations
@@ -262,6 +263,79 @@ def recording(into: list[Launch]) -> Iterator[None]:
         JITFunction.run = original
 
 
+def _compile_report(name: str, launch: Launch, cc: int) -> dict:
+    """A launch compiled for ``cc``: registers, stack, local memory, spill (STL / LDL) and MUFU counts."""
+    usage, sass = disassemble(compile_launch(launch, cc).asm["cubin"])
+    code = parse_sass(sass)
+    return {
+        "name": name,
+        "kernel": launch.fn.__name__,
+        "constexprs": {k: str(v) for k, v in launch.kwargs.items() if k.isupper()},
+        "registers": usage.get("REG", 0),
+        "stack": usage.get("STACK", 0),
+        "local": usage.get("LOCAL", 0),
+        "spills": sum(i.base in ("STL", "LDL") for i in code),
+        "mufu": sum(i.base == "MUFU" for i in code),
+    }
+
+
+def loss_variants(cc: int = 90) -> list[dict]:
+    """The fused loss and gradient-scaling specializations the static cases leave out, compiled for
+    ``cc``: every likelihood, reduction, operand dtype (16-bit, float64, uint8 targets), without
+    gradients, KL alone, split rows; ``scale_grads_`` with a scalar and a per-row factor."""
+    import torch
+    from fastvae.kernels import fused_loss as fl
+
+    from fastvae import backend as be
+
+    f32, f16, b16, f64, u8 = torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8
+    R, M = be.REDUCTIONS, be.RECONS
+    # (recon, reduction, need_grad, logits dtype, target dtype, B, F, D, log-scale size, scale_grad)
+    problems = [
+        ("bce", "sum", True, f16, f16, 128, 784, 20, 0, False),
+        ("bce", "none", False, b16, b16, 128, 784, 20, 0, False),
+        ("bce", "mean", True, f32, u8, 8, 3 * 256 * 256, 256, 0, False),
+        ("bce", "mean", True, f64, f64, 128, 784, 20, 0, False),
+        ("mse", "mean", True, f32, f32, 128, 3072, 128, 0, False),
+        ("mse", "sum", True, b16, b16, 8, 3 * 256 * 256, 256, 0, False),
+        ("gaussian", "mean", True, f32, f32, 128, 784, 20, 784, True),
+        ("gaussian", "none", True, b16, b16, 128, 784, 20, 784, False),
+        ("gaussian", "mean", True, f64, f64, 128, 784, 20, 784, True),
+        ("continuous_bernoulli", "mean", True, f32, u8, 128, 784, 20, 0, False),
+        ("continuous_bernoulli", "sum", True, f64, f64, 128, 784, 20, 0, False),
+        ("none", "mean", True, b16, None, 128, 0, 64, 0, False),
+        ("none", "none", False, f32, None, 8, 0, 4 * 64 * 64, 0, False),
+    ]
+    out = []
+    for recon, red, grad, xt, tt, B, F, D, L, sg in problems:
+        acc = f64 if xt == f64 else f32
+        scale = (1.0 / B) if red == "mean" else 1.0
+        p = be.LossProblem(B, F, D, M[recon], R[red], 1.0, scale, grad, acc, sg)
+        x = torch.empty(B, F, dtype=xt) if F else None
+        t = torch.empty(B, F, dtype=tt) if F else None
+        mu, lv = torch.empty(B, D, dtype=xt), torch.empty(B, D, dtype=xt)
+        launches: list[Launch] = []
+        fl._LOSS_LAUNCH.clear()
+        with recording(launches):
+            fl.fused_loss(p, x, t, mu, lv, torch.empty(L, dtype=acc) if L else None)
+        name = f"vae_loss {recon} {red} grad={grad} {xt}/{tt} {B}x{F} D={D} L={L} scale_grad={sg}"
+        out.append(_compile_report(name.replace("torch.", ""), launches[0], cc))
+    for dt, per_row in ((b16, False), (f16, True), (f64, True)):
+        B, F, D = 128, 784, 20
+        g = torch.full((B,) if per_row else (), 0.5, dtype=f64 if dt == f64 else f32)
+        launches = []
+        fl._SCALE_LAUNCH.clear()
+        with recording(launches):
+            fl.scale_grads_(
+                g, torch.empty(B, F, dtype=dt), torch.empty(B, D, dtype=dt), torch.empty(B, D, dtype=dt)
+            )
+        name = f"scale_grads {str(dt).removeprefix('torch.')} per_row={per_row} {B}x{F} D={D}"
+        out.append(_compile_report(name, launches[0], cc))
+    fl._LOSS_LAUNCH.clear()
+    fl._SCALE_LAUNCH.clear()
+    return out
+
+
 def reparameterize_variants(cc: int = 90) -> list[dict]:
     """Every reparameterize specialization a call can pick (dtype, direction, key as a tensor or an int,
     offset phase and whole or partial tiles), compiled for ``cc``: registers, stack, local memory, spill
@@ -280,21 +354,9 @@ def reparameterize_variants(cc: int = 90) -> list[dict]:
                 rp._LAUNCH.clear()
                 with recording(launches):
                     fn(torch.empty(n, dtype=dt), torch.empty(n, dtype=dt), key, offset)
-                (launch,) = launches
-                usage, sass = disassemble(compile_launch(launch, cc).asm["cubin"])
-                code = parse_sass(sass)
                 dtype = str(dt).removeprefix("torch.")
-                out.append(
-                    {
-                        "name": f"reparameterize {direction} {dtype} key={key_kind} n={n} offset={offset}",
-                        "constexprs": {k: str(v) for k, v in launch.kwargs.items() if k.isupper()},
-                        "registers": usage.get("REG", 0),
-                        "stack": usage.get("STACK", 0),
-                        "local": usage.get("LOCAL", 0),
-                        "spills": sum(i.base in ("STL", "LDL") for i in code),
-                        "mufu": sum(i.base == "MUFU" for i in code),
-                    }
-                )
+                name = f"reparameterize {direction} {dtype} key={key_kind} n={n} offset={offset}"
+                out.append(_compile_report(name, launches[0], cc))
     rp._LAUNCH.clear()
     return out
 
@@ -728,8 +790,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--variants",
         action="store_true",
-        help="instead: compile every reparameterize specialization for the first --arch and write (or print) "
-        "their registers, stack, local memory, spills and MUFU count as JSON",
+        help="instead: compile every reparameterize specialization and the other fused-loss ones for the "
+        "first --arch; write (or print) their registers, stack, local memory, spills, MUFU count as JSON",
     )
     args = ap.parse_args(argv)
     try:
@@ -751,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "bench.static", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.run(cmd, env=env, cwd=ROOT).returncode
     if args.variants:
-        text = json.dumps(reparameterize_variants(args.cc[0]), indent=1) + "\n"
+        text = json.dumps(reparameterize_variants(args.cc[0]) + loss_variants(args.cc[0]), indent=1) + "\n"
         if args.json:
             args.json.write_text(text)
         else:

@@ -122,7 +122,8 @@ def test_shapes_of_2_22_elements_run_2_waves(kernels):
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> list[dict]:
-    """``python -m bench.static --variants``: every reparameterize specialization, compiled for sm_90."""
+    """``python -m bench.static --variants``: every reparameterize specialization and the fused-loss and
+    gradient-scaling ones the static cases leave out, compiled for sm_90."""
     path = tmp_path_factory.mktemp("variants") / "variants.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "bench.static", "--arch", "90", "--variants", "--json", str(path)]
@@ -135,8 +136,9 @@ def test_every_reparameterize_specialization_compiles(variants):
     """Each dtype and direction, the key as a tensor or an int, whole tiles and tails at offset phases
     0, 1 and 3: compiled for sm_90 with no stack, local memory or spill; the 16-bit ones draw with MUFU
     (EX2 an element, two LG2, COS and SIN a pair: 24 for a thread's 8), the others do not."""
-    assert len(variants) == 24
-    for v in variants:
+    rep = [v for v in variants if v["kernel"] == "reparameterize_kernel"]
+    assert len(rep) == 24
+    for v in rep:
         c = v["constexprs"]
         half = " float16 " in v["name"] or " bfloat16 " in v["name"]
         assert (v["stack"], v["local"], v["spills"]) == (0, 0, 0), v
@@ -144,6 +146,20 @@ def test_every_reparameterize_specialization_compiles(variants):
         assert c["EVEN"] == str(" n=4096 " in v["name"]), v
         assert (v["mufu"] == 24) if half else (v["mufu"] <= 12), v
         assert " float64 " in v["name"] or v["registers"] <= 64, v
+
+
+def test_every_loss_specialization_compiles(variants):
+    """Each likelihood and reduction, 16-bit and float64 operands, uint8 targets, no gradients, KL alone,
+    split rows, and scale_grads_ with a scalar and a per-row factor: compiled for sm_90 with no stack,
+    local memory or spill and at most 64 registers, float64 aside (the gradcheck path: 60-140
+    registers, libdevice's double-precision subroutines; Triton 3.9 keeps one value of the BCE kernel
+    on an 8-byte stack)."""
+    rest = [v for v in variants if v["kernel"] != "reparameterize_kernel"]
+    assert len(rest) == 16 and {v["kernel"] for v in rest} == {"fused_loss_kernel", "scale_grads_kernel"}
+    for v in rest:
+        if "float64" not in v["name"]:
+            assert (v["stack"], v["local"], v["spills"]) == (0, 0, 0), v
+            assert v["registers"] <= 64, v
 
 
 def test_16_bit_reparameterize_draws_with_mufu(kernels):
