@@ -100,7 +100,8 @@ def _mul_wide(c, m, PTX: tl.constexpr):
 def _philox4x32_10(seed, counter, PTX: tl.constexpr = False):
     """The four words of Philox4x32-10 with key (seed_lo, seed_hi) and counter (lo, hi, 0, 0): the same
     numbers as ``tl.randint4x``.  Each round's two 32 x 32-bit products are taken as one 64-bit product
-    (hi and lo from one IMAD.WIDE.U32) instead of ``umulhi`` plus a separate low multiply."""
+    (hi and lo from one IMAD.WIDE.U32, ``_mul_wide``) instead of ``umulhi`` plus a separate low
+    multiply; the first round's second product is 0."""
     seed = seed.to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
@@ -209,8 +210,8 @@ def _box_muller_mufu(w1, w2, BIAS: tl.constexpr = 0.0):
 
     - u1 exactly as ``_uniform``; theta from |float(int32 w2)| instead of the fold (|x| - 1 for x < 0):
       at most 2 pi 2^-31 larger, and the absolute value is an operand modifier.
-    - y = lg2 u1 (< 0).  For u1 <= 1 - 2^-6, MUFU.LG2: its error (2^-22 absolute on [1/2, 2], 2 ulp
-      below: CUDA's __log2f) is under 2^-16.5 of |y| >= 2^-5.46.  Above, where that absolute error would
+    - y = lg2 u1 (< 0).  For u1 <= 1 - 2^-6, MUFU.LG2: its error (2^-22 absolute on [1/2, 2], else
+      2 ulp: CUDA's __log2f) is under 2^-16.5 of |y| >= 2^-5.46.  Above, where that absolute error would
       grow relative to y -> 0, the series f (1 - f / 2 + f^2 / 3) / ln 2 of lg2(1 + f), f = u1 - 1
       (truncation f^3 / 4 <= 2^-20 relative).
     - r^2 = -2 ln u1 = 2 ln 2 (-y), so log2 r = (log2(2 ln 2) + lg2(-y)) / 2 (+ BIAS, a power of two
