@@ -51,6 +51,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -264,19 +265,9 @@ def recording(into: list[Launch]) -> Iterator[None]:
 
 
 def _compile_report(name: str, launch: Launch, cc: int) -> dict:
-    """A launch compiled for ``cc``: registers, stack, local memory, spill (STL / LDL) and MUFU counts."""
-    usage, sass = disassemble(compile_launch(launch, cc).asm["cubin"])
-    code = parse_sass(sass)
-    return {
-        "name": name,
-        "kernel": launch.fn.__name__,
-        "constexprs": {k: str(v) for k, v in launch.kwargs.items() if k.isupper()},
-        "registers": usage.get("REG", 0),
-        "stack": usage.get("STACK", 0),
-        "local": usage.get("LOCAL", 0),
-        "spills": sum(i.base in ("STL", "LDL") for i in code),
-        "mufu": sum(i.base == "MUFU" for i in code),
-    }
+    """A variant's launch compiled for ``cc``: ``resources`` and its MUFU instructions."""
+    _, code, rec = resources(launch, cc)
+    return {"name": name, **rec, "mufu": sum(i.base == "MUFU" for i in code)}
 
 
 def loss_variants(cc: int = 90) -> list[dict]:
@@ -540,15 +531,30 @@ def occupancy(arch: Arch, regs: int, warps: int, smem: int) -> tuple[int, int]:
     return blocks, blocks * warps
 
 
-def analyze(case: Case, launch: Launch, cc: int) -> dict:
-    """Every figure of one kernel launch of ``case`` compiled for ``cc``."""
-    arch = ARCHS[cc]
+def resources(launch: Launch, cc: int) -> tuple[Any, list[Instr], dict]:
+    """(compiled kernel, SASS, figures) of a launch compiled for ``cc``: the kernel's name, registers,
+    stack and local bytes, spill instructions (STL / LDL) and the launch's constexprs."""
     kernel = compile_launch(launch, cc)
     usage, sass = disassemble(kernel.asm["cubin"])
     code = parse_sass(sass)
+    rec = {
+        "kernel": launch.fn.__name__,
+        "registers": usage.get("REG", -1),
+        "stack_bytes": usage.get("STACK", -1),
+        "local_bytes": usage.get("LOCAL", -1),
+        "spill_instructions": sum(i.base in ("STL", "LDL") for i in code),
+        "constexprs": {k: str(getattr(v, "value", v)) for k, v in launch.kwargs.items()},
+    }
+    return kernel, code, rec
+
+
+def analyze(case: Case, launch: Launch, cc: int) -> dict:
+    """Every figure of one kernel launch of ``case`` compiled for ``cc``."""
+    arch = ARCHS[cc]
+    kernel, code, res = resources(launch, cc)
     warps = int(kernel.metadata.num_warps)
     smem = int(getattr(kernel.metadata, "shared", 0) or 0)
-    regs = usage.get("REG", -1)
+    regs = res["registers"]
     blocks, warps_sm = occupancy(arch, regs, warps, smem)
     programs = math.prod(launch.grid) if isinstance(launch.grid, tuple) else None
     slow = slow_paths(code)
@@ -559,22 +565,22 @@ def analyze(case: Case, launch: Launch, cc: int) -> dict:
     rec = {
         "case": case.name,
         "elements": case.elements,
-        "kernel": launch.fn.__name__,
+        "kernel": res["kernel"],
         "arch": f"sm_{cc}",
         "num_warps": warps,
         "programs": programs,
         "waves": round(programs / (arch.gpus[0].sms * blocks), 2) if programs and blocks else None,
         "registers": regs,
         "shared_bytes": smem,
-        "stack_bytes": usage.get("STACK", -1),
-        "local_bytes": usage.get("LOCAL", -1),
-        "spill_instructions": sum(i.base in ("STL", "LDL") for i in code),
+        "stack_bytes": res["stack_bytes"],
+        "local_bytes": res["local_bytes"],
+        "spill_instructions": res["spill_instructions"],
         "blocks_per_sm": blocks,
         "warps_per_sm": warps_sm,
         "occupancy": round(warps_sm / (arch.max_threads // 32), 3),
         "load_bits": every["load_bits"],
         "store_bits": every["store_bits"],
-        "constexprs": {k: str(getattr(v, "value", v)) for k, v in launch.kwargs.items()},
+        "constexprs": res["constexprs"],
         "streaming": False,
         "has_loop": has_loop,
         "loop": loop,

@@ -78,15 +78,21 @@ BUDGETS: dict[str, dict[str, Budget]] = {
 VERSION = ".".join(triton.__version__.split(".")[:2])
 
 
-@pytest.fixture(scope="module")
-def record(tmp_path_factory) -> dict:
-    """``python -m bench.static --arch 90`` in a clean process (kernels must not be interpreted)."""
+def _static(tmp_path_factory, *args: str):
+    """``python -m bench.static --arch 90 *args`` in a clean process (kernels must not be interpreted):
+    its JSON output."""
     path = tmp_path_factory.mktemp("static") / "static.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "bench.static", "--arch", "90", "--json", str(path)]
+    cmd = [sys.executable, "-m", "bench.static", "--arch", "90", *args, "--json", str(path)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory) -> dict:
+    """``python -m bench.static --arch 90``: the static cases."""
+    return _static(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +130,7 @@ def test_shapes_of_2_22_elements_run_2_waves(kernels):
 def variants(tmp_path_factory) -> list[dict]:
     """``python -m bench.static --variants``: every reparameterize specialization and the fused-loss and
     gradient-scaling ones the static cases leave out, compiled for sm_90."""
-    path = tmp_path_factory.mktemp("variants") / "variants.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "bench.static", "--arch", "90", "--variants", "--json", str(path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(path.read_text())
+    return _static(tmp_path_factory, "--variants")
 
 
 def test_every_reparameterize_specialization_compiles(variants):
@@ -141,7 +142,7 @@ def test_every_reparameterize_specialization_compiles(variants):
     for v in rep:
         c = v["constexprs"]
         half = " float16 " in v["name"] or " bfloat16 " in v["name"]
-        assert (v["stack"], v["local"], v["spills"]) == (0, 0, 0), v
+        assert (v["stack_bytes"], v["local_bytes"], v["spill_instructions"]) == (0, 0, 0), v
         assert c["PTX"] == "True" and c["MUFU"] == str(half), v
         assert c["EVEN"] == str(" n=4096 " in v["name"]), v
         assert (v["mufu"] == 24) if half else (v["mufu"] <= 12), v
@@ -158,7 +159,7 @@ def test_every_loss_specialization_compiles(variants):
     assert len(rest) == 16 and {v["kernel"] for v in rest} == {"fused_loss_kernel", "scale_grads_kernel"}
     for v in rest:
         if "float64" not in v["name"]:
-            assert (v["stack"], v["local"], v["spills"]) == (0, 0, 0), v
+            assert (v["stack_bytes"], v["local_bytes"], v["spill_instructions"]) == (0, 0, 0), v
             assert v["registers"] <= 64, v
 
 
