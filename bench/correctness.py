@@ -11,7 +11,7 @@ Errors are relative: ``|out - ref| / |ref|`` for a scalar loss and ``||g - ref||
 over all elements) for a tensor; an implementation passes when every error is below
 :data:`TOLERANCES` (1e-4 for fp32, 2e-2 for bf16) and everything is finite.
 
-reparameterize: fastvae's backends draw eps from Philox keyed by the seed and the element index, so
+reparameterize: fastvae's backends draw eps from Philox at a counter of the seed and the element index, so
 ``z`` and the gradients are compared value for value with ``fastvae.reference``.  PyTorch's forms
 draw eps from torch's generator, so they are checked on what must hold whatever eps is: the implied
 ``eps = (z - mu) / exp(logvar / 2)`` has mean 0 and standard deviation 1 (within 6 standard errors),

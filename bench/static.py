@@ -218,16 +218,23 @@ def cases() -> list[Case]:
     kl_valid = _loss_valid(D, "BLOCK_D")
     out.append(Case(f"kl_divergence fp32 {B}x{D}", run_kl, 16, (8, 8), kl_valid, elements=B * D))
 
-    for B, F, D in ((5350, 784, 20), (512, 12288, 128)):
+    for label, dt, B, F, D in (
+        ("fp32", torch.float32, 5350, 784, 20),
+        ("fp32", torch.float32, 512, 12288, 128),
+        ("bf16", torch.bfloat16, 5350, 784, 20),
+    ):
 
-        def run_scale(B=B, F=F, D=D) -> None:
+        def run_scale(dt=dt, B=B, F=F, D=D) -> None:
             g = torch.tensor(0.5)
-            fl.scale_grads_(g, torch.empty(B, F), torch.empty(B, D), torch.empty(B, D))
+            fl.scale_grads_(
+                g, torch.empty(B, F, dtype=dt), torch.empty(B, D, dtype=dt), torch.empty(B, D, dtype=dt)
+            )
 
         # g != 1: every gradient is read and written once.
-        bpe = 2 * 4 + 2 * 2 * 4 * D / F
-        name = f"scale_grads fp32 {B}x{F} D={D}"
-        out.append(Case(name, run_scale, bpe, (4, 4), _loss_valid(F), elements=B * F))
+        bpe = 2 * size[dt] + 2 * 2 * size[dt] * D / F
+        name = f"scale_grads {label} {B}x{F} D={D}"
+        lane = (size[dt], size[dt])
+        out.append(Case(name, run_scale, bpe, lane, _loss_valid(F), elements=B * F))
 
     shape = (65536, 64)
     for label, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -329,17 +336,22 @@ def loss_variants(cc: int = 90) -> list[dict]:
 
 def reparameterize_variants(cc: int = 90) -> list[dict]:
     """Every reparameterize specialization a call can pick (dtype, direction, key as a tensor or an int,
-    offset phase and whole or partial tiles), compiled for ``cc``: registers, stack, local memory, spill
-    instructions (STL / LDL) and MUFU instructions.  The static cases measure four of them in depth;
-    a GPU compiles whichever a call picks, so each must at least compile, without a stack or a spill."""
+    offset phase, whole or partial tiles, 1-warp and 4-warp programs), compiled for ``cc``: registers,
+    stack, local memory, spill instructions (STL / LDL) and MUFU instructions.  The static cases measure
+    four of them in depth; a GPU compiles whichever a call picks, so each must at least compile, without
+    a stack or a spill."""
     import torch
     from fastvae.kernels import reparameterize as rp
 
     out = []
+    big = rp.FOUR_WARPS_FROM  # a multiple of 1024: 4-warp programs from here on
+    # whole tiles at offset 0 (EVEN); a tail at phase 1; a tail past 2^32 at phase 3 (int64 indices);
+    # each in 1-warp programs and in 4-warp ones
+    calls = [("tensor", 4096, 0), ("int", 4099, 1), ("tensor", 4100, 2**32 + 3)]
+    calls += [(k, big + n - 4096, offset) for k, n, offset in calls]
     for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for direction, fn in (("fwd", rp.reparameterize), ("bwd", rp.reparameterize_backward)):
-            # whole tiles at offset 0 (EVEN); a tail at phase 1; a tail past 2^32 at phase 3
-            for key_kind, n, offset in (("tensor", 4096, 0), ("int", 4099, 1), ("tensor", 4100, 2**32 + 3)):
+            for key_kind, n, offset in calls:
                 key = torch.zeros(1, dtype=torch.int64) if key_kind == "tensor" else 7
                 launches: list[Launch] = []
                 rp._LAUNCH.clear()

@@ -14,11 +14,11 @@ Numbering shared by every backend (and the kernels' constexprs)::
     reduction:  REDUCE_SUM = 0, REDUCE_MEAN = 1, REDUCE_NONE = 2
 
 Random numbers (the RNG contract, also in the README): ``eps[i] = randn(key, offset + i)`` for the
-flat C-order index ``i`` of the call, where ``randn(key, n)`` is normal ``n & 3`` of Triton's
-``tl.randn4x(key, n >> 2)``: Philox4x32-10 keyed by the 64-bit ``key`` at the counter
-``(c_lo, c_hi, 0, 0)``, ``c = n >> 2``; its four words made uniforms ``u1..u4`` and Box-Muller on
-``(u1, u2)`` -> ``r cos, r sin`` and on ``(u3, u4)`` -> ``r cos, r sin`` (``fastvae.reference.randn``;
-four elements share a Philox call).  ``key`` is either a
+flat C-order index ``i`` of the call, where ``randn(key, n)`` is normal ``n & 3`` of one
+Philox4x32-10 call with the key 0 at the counter ``(c_lo, c_hi, key_lo, key_hi)``, ``c = n >> 2`` (the
+64-bit ``key`` selects the stream; the key schedule is a constant); its four words made uniforms
+``u1..u4`` as ``tl.rand4x`` does and Box-Muller on ``(u1, u2)`` -> ``r cos, r sin`` and on ``(u3, u4)``
+-> ``r cos, r sin`` (``fastvae.reference.randn``; four elements share a Philox call).  ``key`` is either a
 Python ``int`` (an explicit ``seed=``) or a 1-element ``int64`` tensor on the ops' device, drawn there
 from torch's generator and read *inside* the kernel, never on the host (graph-safe: a captured CUDA
 graph draws a fresh key on each replay).

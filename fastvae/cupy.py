@@ -14,7 +14,7 @@ The launches (compilation cache, row views, launch configurations) live next to 
 module only validates CuPy arrays, allocates the outputs with CuPy and launches on CuPy's current
 device and stream.
 
-The math is ``fastvae.reference`` (the contract): eps is ``randn4x(seed, n >> 2)[n & 3]`` for
+The math is ``fastvae.reference`` (the contract): eps is ``randn4(seed, n >> 2)[n & 3]`` for
 n = offset + flat index (Philox4x32-10 + Box-Muller, uniforms bit for bit), the loss is computed
 per row in fp32 with the gradients written in the same pass, and the batch reduction runs in a
 fixed order with no
@@ -329,7 +329,7 @@ def _cupy_reparam(name_a: str, a, logvar, seed: int, offset: int, backward: bool
 
 
 def reparameterize(mu, logvar, seed: int, offset: int = 0):
-    """``z = mu + exp(logvar / 2) * eps``, ``eps[i] = randn4x(seed, n >> 2)[n & 3]`` with
+    """``z = mu + exp(logvar / 2) * eps``, ``eps[i] = randn4(seed, n >> 2)[n & 3]`` with
     ``n = offset + i`` over the flat C-order index ``i`` (see :mod:`fastvae.backend`)."""
     return _cupy_reparam("mu", mu, logvar, seed, offset, backward=False)
 

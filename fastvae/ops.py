@@ -687,7 +687,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, seed: int | None = None, offse
     """Sample ``z = mu + exp(0.5 * logvar) * eps`` with ``eps ~ N(0, 1)`` drawn inside the kernel.
 
     ``eps[i] = randn(key, offset + i)`` over the flat (C-order) index ``i`` of ``mu``: normal ``n & 3``
-    (``n = offset + i``) of Philox4x32-10 keyed by ``key`` at counter ``n >> 2`` with two Box-Mullers
+    (``n = offset + i``) of Philox4x32-10 at the counter ``(n >> 2, key)`` with two Box-Mullers
     (four elements share a Philox call), so eps is never stored, does not depend on block sizes,
     and is identical on every backend (``fastvae.reference.eps``).  ``key`` is ``seed`` when given;
     with ``seed=None`` a fresh key is drawn on the tensors' device from torch's generator (so

@@ -14,13 +14,15 @@ are everything after dim 0.  Reductions:
 Random numbers
 --------------
 ``randn(seed, n)`` is the normal of element counter ``n`` (an int64 in [0, 2**63)): four elements
-share one Philox call, as in Triton's ``tl.randn4x`` (``triton/language/random.py``).  With
-``c = n >> 2`` and ``lane = n & 3``, Philox4x32-10 keyed by the 64-bit seed runs on the counter
-``(c_lo, c_hi, 0, 0)``; its four output words become uniforms ``u1..u4`` in [0, 1) exactly as
-``uint_to_uniform_float`` does in float32; Box-Muller on ``(u1, u2)`` gives ``r cos, r sin`` and on
-``(u3, u4)`` gives ``r cos, r sin``; the element takes normal number ``lane`` of those four.  The
-uniforms match the kernels bit for bit; the normals are computed here in float64 from the float32
-uniforms (and the float32 angle ``float32(2 pi) u``), so a float32 kernel lands within a few ulp.
+share one Philox call, with Triton's ``tl.randn4x`` transform of the words (``triton/language/random.py``).
+With ``c = n >> 2`` and ``lane = n & 3``, Philox4x32-10 with the key 0 runs on the 128-bit counter
+``(c_lo, c_hi, seed_lo, seed_hi)``: the seed selects a stream of counters, as cuRAND's and torch's
+subsequences do, and the key schedule is a constant every kernel folds into its instructions.  The
+four output words become uniforms ``u1..u4`` in [0, 1) exactly as ``uint_to_uniform_float`` does in
+float32; Box-Muller on ``(u1, u2)`` gives ``r cos, r sin`` and on ``(u3, u4)`` gives ``r cos, r sin``;
+the element takes normal number ``lane`` of those four.  (At seed 0 this is ``tl.randn4x(0, c)``
+itself.)  The uniforms match the kernels bit for bit; the normals are computed here in float64 from the
+float32 uniforms (and the float32 angle ``float32(2 pi) u``), so a float32 kernel lands within a few ulp.
 """
 
 from __future__ import annotations
@@ -74,18 +76,18 @@ TWO_PI_F32 = np.float32(6.283185307179586)
 U1_FLOOR_F32 = np.float32(1.0e-7)
 
 
-def philox4x32(seed: int, c0, c1, c2, c3, n_rounds: int = 10):
-    """Philox4x32 with key ``(seed & 0xffffffff, seed >> 32)``; counters are uint32 arrays.
+def philox4x32(key: int, c0, c1, c2, c3, n_rounds: int = 10):
+    """Philox4x32 with key ``(key & 0xffffffff, key >> 32)``; counters are uint32 arrays.
 
     Each round: ``c0' = hi(B*c2) ^ c1 ^ k0``, ``c2' = hi(A*c0) ^ c3 ^ k1``,
     ``c1' = lo(B*c2)``, ``c3' = lo(A*c0)``; then the key is bumped by the Weyl constants.
     The products of two 32-bit words are exact in uint64.
     """
-    seed = int(seed)
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
-    k0 = np.uint64(seed & 0xFFFFFFFF)
-    k1 = np.uint64(seed >> 32)
+    key = int(key)
+    if not 0 <= key < 2**64:
+        raise ValueError(f"key must lie in [0, 2**64), got {key}")
+    k0 = np.uint64(key & 0xFFFFFFFF)
+    k1 = np.uint64(key >> 32)
     c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & _MASK32 for c in (c0, c1, c2, c3))
     for _ in range(n_rounds):
         prod_b = PHILOX_ROUND_B * c2
@@ -116,10 +118,14 @@ def _counters(offsets, name: str) -> np.ndarray:
 
 
 def uniform4(seed: int, counters) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``tl.rand4x(seed, counters)``: the four float32 uniforms of Philox4x32-10 at ``(c_lo, c_hi, 0, 0)``."""
+    """The four float32 uniforms of Philox4x32-10 with key 0 at ``(c_lo, c_hi, seed_lo, seed_hi)``, made
+    as ``tl.rand4x`` makes them (``tl.rand4x(0, counters)`` at seed 0)."""
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
     c = _counters(counters, "counters").astype(np.uint64)
-    zero = np.zeros_like(c)
-    words = philox4x32(seed, c & _MASK32, c >> _32, zero, zero)
+    s = np.full_like(c, seed & 0xFFFFFFFF), np.full_like(c, seed >> 32)
+    words = philox4x32(0, c & _MASK32, c >> _32, *s)
     return tuple(_uint_to_uniform_float32(w) for w in words)
 
 
@@ -134,7 +140,8 @@ def _box_muller(u1: np.ndarray, u2: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def randn4(seed: int, counters) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``tl.randn4x(seed, counters)`` in float64: Box-Muller on ``(u1, u2)`` and on ``(u3, u4)``,
+    """The four normals of ``uniform4(seed, counters)`` in float64 (``tl.randn4x``'s transform):
+    Box-Muller on ``(u1, u2)`` and on ``(u3, u4)``,
     ``(n1, n2, n3, n4) = (r12 cos t2, r12 sin t2, r34 cos t4, r34 sin t4)``."""
     u1, u2, u3, u4 = uniform4(seed, counters)
     return (*_box_muller(u1, u2), *_box_muller(u3, u4))

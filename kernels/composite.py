@@ -52,13 +52,14 @@ def _mul_hi_lo(const: int, c: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _philox4(key: Key, counters: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The four words of Philox4x32-10 keyed by the 64-bit key at the counters (lo, hi, 0, 0), as int64."""
+    """The four words of Philox4x32-10 with the key 0 at the counters (lo, hi, key_lo, key_hi), as int64:
+    the 64-bit key selects the stream (``fastvae.reference.uniform4``)."""
     if isinstance(key, Tensor):
         key = key.reshape(()).to(device=counters.device, dtype=torch.int64)
-    k0, k1 = key & _M32, (key >> 32) & _M32
+    k0, k1 = 0, 0
     c0, c1 = counters & _M32, counters >> 32
-    c2 = torch.zeros_like(counters)
-    c3 = torch.zeros_like(counters)
+    c2 = torch.zeros_like(counters) + (key & _M32)
+    c3 = torch.zeros_like(counters) + ((key >> 32) & _M32)
     for _ in range(10):
         hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
@@ -84,7 +85,7 @@ def _box_muller(wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor]:
 
 def randn(key: Key, counters: Tensor) -> Tensor:
     """The normal of each element counter n (int64, >= 0) in float64, uniforms bit-identical to the
-    kernels': ``tl.randn4x(key, n >> 2)[n & 3]``, i.e. Box-Muller on the Philox words (w1, w2) for lanes
+    kernels': ``reference.randn4(key, n >> 2)[n & 3]``, i.e. Box-Muller on the Philox words (w1, w2) for lanes
     0, 1 and (w3, w4) for lanes 2, 3: u1 = max(1e-7, u_a), theta = float32(2 pi) u_b,
     n = sqrt(-2 ln u1) (cos theta for even lanes, sin theta for odd)."""
     w1, w2, w3, w4 = _philox4(key, counters >> 2)

@@ -600,7 +600,14 @@ def _tile(n: int, tile: int = TILE) -> tuple[int, int]:
 
 
 def loss_config(
-    B: int, F: int, D: int, element_size: int, target_u8: bool = False, per_thread: int = 0
+    B: int,
+    F: int,
+    D: int,
+    element_size: int,
+    target_u8: bool = False,
+    per_thread: int = 0,
+    tile: int = 0,
+    target: int = TARGET_PROGRAMS,
 ) -> tuple[int, ...]:
     """(BLOCK_B, BLOCK_F, TAIL_F, BLOCK_D, TAIL_D, n_split, f_chunk, d_chunk, n_programs, num_warps).
 
@@ -610,12 +617,12 @@ def loss_config(
     up to tile / threads elements a thread but stores at most 128 bits, and with 8 a thread the gradient
     went through shared memory, 2 BAR.SYNC an iteration) and for float64.
 
-    When there are fewer row blocks than TARGET_PROGRAMS and rows span at least 2 tiles, each row is cut
+    When there are fewer row blocks than ``target`` programs and rows span at least 2 tiles, each row is cut
     into n_split chunks of whole tiles, the last one ending the row: [8, 3 * 256 * 256] runs 8 * 192
     programs, [512, 12288] 512 * 12, [5350, 784] 1338 * 3 (chunks of 256, 256 and 272).  Every shape of
     at least 2^22 elements then runs at least 2 waves at the kernels' occupancy (tests/test_aot_sm90.py).
     """
-    tile = TILE // 2 if element_size == 8 else TILE
+    tile = tile or (TILE // 2 if element_size == 8 else TILE)
     per_thread = per_thread or (4 if target_u8 or element_size == 8 else 8)
     block_f, tail_f = _tile(F, tile)
     block_d, tail_d = _tile(D, tile)
@@ -626,8 +633,8 @@ def loss_config(
     # Tiles of a row, a partial tail counted when at least a quarter tile (784 = 3 * 256 + 16: 3).
     n_tiles = row // blk + (4 * (row % blk) >= blk)
     n_split, chunk = 1, row
-    if n_rb < TARGET_PROGRAMS and n_tiles >= 2:
-        n_split = min(_cdiv(TARGET_PROGRAMS, n_rb), n_tiles)
+    if n_rb < target and n_tiles >= 2:
+        n_split = min(_cdiv(target, n_rb), n_tiles)
         chunk = max(1, row // n_split // blk) * blk  # whole tiles, rounded down
         # A remainder under a quarter tile joins the last chunk (which always ends the row), else it is
         # a chunk of its own.
@@ -642,10 +649,15 @@ def loss_config(
 
 
 def scale_config(B: int, F: int, D: int, element_size: int) -> tuple[int, ...]:
-    """``loss_config``'s tiles, chunks and programs (scale_grads_ walks the gradients as the forward
-    wrote them) with one 128-bit access a thread: the scaling kernel holds 32 registers, so 16
-    programs of 4 warps fit an SM, and with two accesses a thread [5350, 784] (2^22 elements) would
-    run 1.9 waves; with one, 8-warp programs, 3.8."""
+    """``loss_config``'s rule for scale_grads_ (elementwise: its tiles never change a bit) with one
+    128-bit access a thread.  The scaling kernel holds about 32 registers, so an SM holds all 64 warps.
+    float32 and float64 keep the forward's tiles (8-warp programs: 8 an SM; [5350, 784], 2^22 elements,
+    runs 3.8 waves; with two accesses a thread, 4-warp programs, it ran 1.9).  16-bit gradients take
+    8 elements a thread, and 4-warp programs of 1024 would hold 16 an SM and run 1.9 waves: they take
+    1-warp tiles of 256, split to 2 waves of the 32 programs an SM holds (the block limit; 50%
+    occupancy): [5350, 784] runs 16050 programs, 3.8 waves."""
+    if element_size == 2:
+        return loss_config(B, F, D, 2, per_thread=8, tile=256, target=2 * 32 * 132)
     return loss_config(B, F, D, element_size, per_thread=16 // element_size)
 
 

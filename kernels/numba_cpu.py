@@ -13,7 +13,7 @@ elements, float64 across chunks, for float32 logits; float64 throughout for floa
 rows are summed sequentially in float64, so results are bit-identical whatever the thread count.
 
 Sampler: ``eps[i] = randn(key, offset + i)``, Philox4x32-10 and Box-Muller as in
-``fastvae.reference`` (a port of ``tl.randn4x``: four normals a Philox call): the uniforms are
+``fastvae.reference`` (``tl.randn4x``'s transform: four normals a Philox call): the uniforms are
 bit-identical to the Triton kernels'; the normals use polynomial log / sin / cos in float32 arithmetic
 for float32 (fp16, bf16) inputs and in float64 for float64 inputs (a few ulp of that precision from
 the reference), in one branch-free loop that LLVM vectorizes (see "Sampler").  A forward keeps its eps
@@ -767,15 +767,15 @@ def _make_scale_entry(Gd, X, M):
 # Sampler: Philox4x32-10 + Box-Muller, vectorized
 # ----------------------------------------------------------------------------------------------
 #
-# Element counter n = offset + i takes normal n & 3 of Philox counter n >> 2 (tl.randn4x): per block of
+# Element counter n = offset + i takes normal n & 3 of Philox counter n >> 2 (reference.randn): per block of
 # _EPS_BLOCK elements, one loop over the quads of counters draws 4 normals each into an L1-resident
 # scratch buffer, with no branches and no libm calls, which LLVM vectorizes (8 lanes of 64 bits in a
 # zmm register; 4 in ymm); the elementwise loop then reads the block's eps at (b & 3) + i:
 #
 #   Philox     32-bit words held in uint64 lanes; a round's two 32 x 32 -> 64-bit products are
 #              uint64 multiplies of values whose high halves are known zero (vpmuludq), hi = p >> 32,
-#              lo = p & 0xffffffff; the key schedule is the same for every lane (hoisted).  All four
-#              output words are used.
+#              lo = p & 0xffffffff; the key schedule is constant (key 0) and the seed words are the
+#              same for every lane (round 0's second product is hoisted).  All four output words are used.
 #   uniforms   Triton's uint_to_uniform_float, bit for bit: the word as int32, negative -> ~x (a
 #              select), to float32, times 4.6566127342e-10 in float32; u1 floored at 1e-7.
 #   log(u1)    u1 = 2^e m (bits of the float32), m in [sqrt(1/2), sqrt(2)), f = m - 1:
@@ -940,14 +940,15 @@ def _exp_f32(v):
 
 
 @_sinline
-def _philox4(k0, k1, counter):
-    """The four words of Philox4x32-10 keyed (k0, k1) at the counter (lo, hi, 0, 0)."""
-    k0 = k0 & _M32  # known 32-bit values: every product is a 32 x 32 -> 64-bit vpmuludq, no vpmullq
-    k1 = k1 & _M32
+def _philox4(s0, s1, counter):
+    """The four words of Philox4x32-10 with the key 0 at the counter (lo, hi, s0, s1): the seed words
+    select the stream (``fastvae.reference.uniform4``)."""
     c0 = counter & _M32
     c1 = counter >> _S32
-    c2 = _U0
-    c3 = _U0
+    c2 = s0 & _M32  # known 32-bit values: every product is a 32 x 32 -> 64-bit vpmuludq, no vpmullq
+    c3 = s1 & _M32
+    k0 = _U0
+    k1 = _U0
     for _ in range(10):
         prod_b = _ROUND_B * c2
         prod_a = _ROUND_A * c0
@@ -983,11 +984,11 @@ def _box_muller_f32(wa, wb):
 
 
 @_sinline
-def _fill_eps(scr, k0, k1, first):
-    """``scr[4 q + l]`` = normal l of ``tl.randn4x(key, first + q)``, float64 Box-Muller: one Philox call
-    and two Box-Mullers (r cos, r sin of (u1, u2), then of (u3, u4)) per 4 normals."""
+def _fill_eps(scr, s0, s1, first):
+    """``scr[4 q + l]`` = normal l of ``reference.randn4(key, first + q)``, float64 Box-Muller: one Philox
+    call and two Box-Mullers (r cos, r sin of (u1, u2), then of (u3, u4)) per 4 normals."""
     for q in range(scr.shape[0] // 4):
-        w1, w2, w3, w4 = _philox4(k0, k1, first + np.uint64(q))
+        w1, w2, w3, w4 = _philox4(s0, s1, first + np.uint64(q))
         n1, n2 = _box_muller(w1, w2)
         n3, n4 = _box_muller(w3, w4)
         scr[4 * q] = n1
@@ -997,10 +998,10 @@ def _fill_eps(scr, k0, k1, first):
 
 
 @_sinline
-def _fill_eps_f32(scr, k0, k1, first):
+def _fill_eps_f32(scr, s0, s1, first):
     """The same in float32 arithmetic after the uniforms."""
     for q in range(scr.shape[0] // 4):
-        w1, w2, w3, w4 = _philox4(k0, k1, first + np.uint64(q))
+        w1, w2, w3, w4 = _philox4(s0, s1, first + np.uint64(q))
         n1, n2 = _box_muller_f32(w1, w2)
         n3, n4 = _box_muller_f32(w3, w4)
         scr[4 * q] = n1
@@ -1017,7 +1018,7 @@ _EPS_BLOCK = 1024
 
 
 @_sjit
-def _sample_span_f32(a, lv, out, kept, k0, k1, base, mode):
+def _sample_span_f32(a, lv, out, kept, s0, s1, base, mode):
     """float32 arrays, float32 arithmetic, ``eps[i] = randn(key, base + i)``, ``std = exp(lv[i] / 2)``:
 
     _Z             z = a + std eps (a = mu)                    12 bytes an element moved
@@ -1039,7 +1040,7 @@ def _sample_span_f32(a, lv, out, kept, k0, k1, base, mode):
         m = min(n - s, _EPS_BLOCK)
         b = base + np.uint64(s)
         shift = np.int64(b & np.uint64(3))
-        _fill_eps_f32(scr[: (m + shift + 3) & ~3], k0, k1, b >> np.uint64(2))
+        _fill_eps_f32(scr[: (m + shift + 3) & ~3], s0, s1, b >> np.uint64(2))
         if mode == _Z:
             for i in range(m):
                 out[s + i] = a[s + i] + _exp_f32(_F_HALF * lv[s + i]) * scr[shift + i]
@@ -1054,7 +1055,7 @@ def _sample_span_f32(a, lv, out, kept, k0, k1, base, mode):
 
 
 @_sjit
-def _sample_span(a, lv, out, kept, k0, k1, base, mode):
+def _sample_span(a, lv, out, kept, s0, s1, base, mode):
     """The same for float64 arrays, in float64 arithmetic after the float32 uniforms (twice the bytes)."""
     n = out.shape[0]
     if mode == _DLOGVAR_KEPT:
@@ -1066,7 +1067,7 @@ def _sample_span(a, lv, out, kept, k0, k1, base, mode):
         m = min(n - s, _EPS_BLOCK)
         b = base + np.uint64(s)
         shift = np.int64(b & np.uint64(3))
-        _fill_eps(scr[: (m + shift + 3) & ~3], k0, k1, b >> np.uint64(2))
+        _fill_eps(scr[: (m + shift + 3) & ~3], s0, s1, b >> np.uint64(2))
         if mode == _Z:
             for i in range(m):
                 out[s + i] = a[s + i] + _exp_f64(0.5 * lv[s + i]) * scr[shift + i]
@@ -1081,14 +1082,14 @@ def _sample_span(a, lv, out, kept, k0, k1, base, mode):
 
 
 @_sjit
-def _eps_span(u1, u2, eps, eps32, k0, k1, base):
+def _eps_span(u1, u2, eps, eps32, s0, s1, base):
     """The sampler alone (tests, benchmarks), at the element counters ``n = base + i``: the uniform pair
     of each element's Box-Muller (u1, u2 of Philox counter n >> 2 for lanes n & 3 = 0, 1; u3, u4 for
     2, 3), and eps in float64 and float32 arithmetic through the sampler's own fills."""
     n = eps.shape[0]
     for i in range(n):
         c = base + np.uint64(i)
-        w1, w2, w3, w4 = _philox4(k0, k1, c >> np.uint64(2))
+        w1, w2, w3, w4 = _philox4(s0, s1, c >> np.uint64(2))
         second = (c & np.uint64(2)) != _U0
         u1[i] = _uniform(w3 if second else w1)
         u2[i] = _uniform(w4 if second else w2)
@@ -1096,8 +1097,8 @@ def _eps_span(u1, u2, eps, eps32, k0, k1, base):
     size = (n + shift + 3) & ~3
     scr = _np_empty(size, np.float64)
     scr32 = _np_empty(size, np.float32)
-    _fill_eps(scr, k0, k1, base >> np.uint64(2))
-    _fill_eps_f32(scr32, k0, k1, base >> np.uint64(2))
+    _fill_eps(scr, s0, s1, base >> np.uint64(2))
+    _fill_eps_f32(scr32, s0, s1, base >> np.uint64(2))
     for i in range(n):
         eps[i] = scr[shift + i]
         eps32[i] = scr32[shift + i]
@@ -1113,7 +1114,7 @@ def _key_bits(kp, key_bits):
 
 @_jit
 def _key_words(bits):
-    """The Philox key words (lo, hi) of a 64-bit key."""
+    """The seed words (lo, hi) of a 64-bit key: Philox counter words 2 and 3."""
     k = np.uint64(bits)
     return k & _M32, k >> _S32
 
@@ -1138,7 +1139,7 @@ def _make_sampler(dt):
     @_jit
     def serial(ap, lp, op, n, kp, key_bits, offset, mode, ep):
         bits = _key_bits(kp, key_bits)
-        k0, k1 = _key_words(bits)
+        s0, s1 = _key_words(bits)
         a = numba.carray(_voidptr(ap), n, dt)
         lv = numba.carray(_voidptr(lp), n, dt)
         out = numba.carray(_voidptr(op), n, dt)
@@ -1150,14 +1151,14 @@ def _make_sampler(dt):
             elif box[0] != bits:
                 mode = _DLOGVAR
         if single:
-            _sample_span_f32(a, lv, out, kept, k0, k1, np.uint64(offset), mode)
+            _sample_span_f32(a, lv, out, kept, s0, s1, np.uint64(offset), mode)
         else:
-            _sample_span(a, lv, out, kept, k0, k1, np.uint64(offset), mode)
+            _sample_span(a, lv, out, kept, s0, s1, np.uint64(offset), mode)
 
     @_pjit
     def parallel(ap, lp, op, n, kp, key_bits, offset, mode, ep):
         bits = _key_bits(kp, key_bits)
-        k0, k1 = _key_words(bits)
+        s0, s1 = _key_words(bits)
         a = numba.carray(_voidptr(ap), n, dt)
         lv = numba.carray(_voidptr(lp), n, dt)
         out = numba.carray(_voidptr(op), n, dt)
@@ -1173,9 +1174,9 @@ def _make_sampler(dt):
             e = min(s + _SAMPLE_CHUNK, n)
             k = kept[s:e] if ep else kept
             if single:
-                _sample_span_f32(a[s:e], lv[s:e], out[s:e], k, k0, k1, np.uint64(offset) + np.uint64(s), mode)
+                _sample_span_f32(a[s:e], lv[s:e], out[s:e], k, s0, s1, np.uint64(offset) + np.uint64(s), mode)
             else:
-                _sample_span(a[s:e], lv[s:e], out[s:e], k, k0, k1, np.uint64(offset) + np.uint64(s), mode)
+                _sample_span(a[s:e], lv[s:e], out[s:e], k, s0, s1, np.uint64(offset) + np.uint64(s), mode)
 
     return serial, parallel
 
@@ -1434,7 +1435,7 @@ def sample_eps(key: Key, offset: int, n: int) -> tuple[np.ndarray, np.ndarray, n
     ``offset + i``, ``i < n``: the two float32 uniforms (``reference.uniform_pair``) and the normal in
     float64 arithmetic (float64 inputs) and in float32 arithmetic (float32, fp16, bf16 inputs)."""
     kp, bits = _key_args(key)
-    k0, k1 = _key_words(_key_bits(kp, bits))
+    s0, s1 = _key_words(_key_bits(kp, bits))
     u1, u2, eps, eps32 = (np.empty(n, dt) for dt in (np.float32, np.float32, np.float64, np.float32))
-    _eps_span(u1, u2, eps, eps32, np.uint64(k0), np.uint64(k1), np.uint64(offset))
+    _eps_span(u1, u2, eps, eps32, np.uint64(s0), np.uint64(s1), np.uint64(offset))
     return u1, u2, eps, eps32

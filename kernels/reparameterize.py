@@ -1,9 +1,10 @@
 """Reparameterization sample in one pass: ``z = mu + exp(logvar / 2) * eps``, ``eps ~ N(0, 1)``.
 
 ``eps`` never exists in memory: element i draws ``eps[i] = randn(key, n)``, n = ``offset + i``, normal
-``n & 3`` of ``tl.randn4x(key, n >> 2)``: one Philox4x32-10 call (keyed by the 64-bit ``key``, int64
-counter ``n >> 2``) gives four words, Box-Muller on words (1, 2) and (3, 4) gives (r cos, r sin) twice
-(with a short-range sine and cosine instead of libdevice's), so four elements share a call.  16-bit
+``n & 3`` of one Philox4x32-10 call (key 0, counter ``(c_lo, c_hi, key_lo, key_hi)`` for c = ``n >> 2``:
+the 64-bit ``key`` selects the stream) whose four words become uniforms as in ``tl.randn4x``;
+Box-Muller on words (1, 2) and (3, 4) gives (r cos, r sin) twice (with a short-range sine and cosine
+instead of libdevice's), so four elements share a call.  16-bit
 operands on a GPU take log, cosine and sine from MUFU and fold r into exp(logvar / 2)'s exponent
 (``_box_muller_mufu``, within a fraction of a 16-bit rounding step of the exact draw); the
 interpreter, which runs no PTX, always draws exactly.  The draw depends on neither the block size nor
@@ -31,16 +32,27 @@ from triton.runtime.jit import JITFunction
 
 from fastvae.backend import Key
 
-__all__ = ["reparameterize", "reparameterize_backward"]
+__all__ = ["reparameterize", "reparameterize_backward", "launch_config"]
 
-BLOCK = 1024  # 8 elements a thread at 4 warps: two 128-bit loads of fp32 per operand.
-NUM_WARPS = 4
-# Register cap of the tiles on the 16-byte grid (offset phase 0).  ptxas then allocates 36-48 registers for
-# 2 Philox calls a thread; uncapped it packs them into 31-32, and at 100% occupancy 2^22 elements would
-# run 1.94 waves (target: 2).  Offset phases 1-3 (loads off the grid, converted through shared memory)
-# take 56-63 registers uncapped and spilled under this cap: they have none.  tests/test_aot_sm90.py
-# holds every specialization to at most 64 registers and no spill.
-MAXNREG = 64
+# A thread holds 8 elements (float32: two 128-bit accesses an operand; 16-bit types: one) or 4 of float64
+# (gradcheck; 8 would spill).  A program is 4 warps of them from FOUR_WARPS_FROM elements on: 2 waves on
+# 132 SMs of 16 programs an SM, the most that 64 resident warps hold (on H100/H200 and below; the same
+# rule everywhere, and the draw does not depend on it).  Smaller calls use 1-warp programs, 4x as many:
+# an SM holds at most 32 (the block limit), so 2^22 elements still run 3.9 waves (4-warp programs at the
+# 31-34 registers of the 16-bit kernel would hold 16 an SM and run 1.94), and a training batch's latents
+# spread over 4x the SMs.  Calls whose counters pass 2^31 (int64 indices) keep 4-warp programs: at an
+# offset off the 16-byte grid the 1-warp 16-bit program needs 70 registers there, the 4-warp one 64.
+# No register cap: every specialization compiles to at most 64 registers (tests/test_aot_sm90.py).
+ELEMENTS_PER_THREAD = 8
+FOUR_WARPS_FROM = 2 * 132 * 16 * (4 * 32 * ELEMENTS_PER_THREAD)
+
+
+def launch_config(n: int, dtype: torch.dtype, i32: bool = True) -> tuple[int, int]:
+    """(BLOCK, num_warps) of a call over ``n`` elements of ``dtype``, a fixed rule of the shape and
+    dtype; ``i32``: every counter and index of the call fits int32 (``offset + n + 1024 < 2^31``)."""
+    warps = 4 if n >= FOUR_WARPS_FROM or not i32 else 1
+    per_thread = ELEMENTS_PER_THREAD // 2 if dtype == torch.float64 else ELEMENTS_PER_THREAD
+    return 32 * warps * per_thread, warps
 
 
 @triton.jit
@@ -98,31 +110,29 @@ def _mul_wide(c, m, PTX: tl.constexpr):
 
 @triton.jit
 def _philox4x32_10(seed, counter, PTX: tl.constexpr = False):
-    """The four words of Philox4x32-10 with key (seed_lo, seed_hi) and counter (lo, hi, 0, 0): the same
-    numbers as ``tl.randint4x``.  Each round's two 32 x 32-bit products are taken as one 64-bit product
+    """The four words of Philox4x32-10 with the key 0 at the counter (lo, hi, seed_lo, seed_hi) (the RNG
+    contract, ``fastvae.reference.uniform4``).  The key schedule is constant, so each round key is an
+    immediate operand of its three-input LOP3; the seed words are the same for every lane, and so is
+    round 0's second product.  Each round's two 32 x 32-bit products are taken as one 64-bit product
     (hi and lo from one IMAD.WIDE.U32, ``_mul_wide``) instead of ``umulhi`` plus a separate low
-    multiply; the first round's second product is 0."""
+    multiply.  An int32 counter (under 2^31) has the high word 0."""
     seed = seed.to(tl.uint64)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = (seed >> 32).to(tl.uint32)
     c0 = counter.to(tl.uint32)
-    c1 = (counter >> 32).to(tl.uint32)
-    c2 = tl.zeros_like(c0)
-    c3 = tl.zeros_like(c0)
+    if counter.dtype.primitive_bitwidth == 32:
+        c1 = tl.zeros_like(c0)
+    else:
+        c1 = (counter >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + (seed & 0xFFFFFFFF).to(tl.uint32)
+    c3 = tl.zeros_like(c0) + (seed >> 32).to(tl.uint32)
     ma = tl.full(c0.shape, 0xD2511F53, tl.uint32)
     mb = tl.full(c0.shape, 0xCD9E8D57, tl.uint32)
     for r in tl.static_range(10):
         ahi, alo = _mul_wide(c0, ma, PTX)
-        if r == 0:  # c2 = 0: its product is 0
-            bhi, blo = c2, c2
-        else:
-            bhi, blo = _mul_wide(c2, mb, PTX)
-        c0 = bhi ^ c1 ^ k0
-        c2 = ahi ^ c3 ^ k1
+        bhi, blo = _mul_wide(c2, mb, PTX)
+        c0 = bhi ^ c1 ^ ((r * 0x9E3779B9) & 0xFFFFFFFF)  # round key r of the key 0: r times the Weyl
+        c2 = ahi ^ c3 ^ ((r * 0xBB67AE85) & 0xFFFFFFFF)  # constants, mod 2^32
         c1 = blo
         c3 = alo
-        k0 = (k0.to(tl.uint64) + 0x9E3779B9).to(tl.uint32)
-        k1 = (k1.to(tl.uint64) + 0xBB67AE85).to(tl.uint32)
     return c0, c1, c2, c3
 
 
@@ -208,32 +218,36 @@ def _box_muller_mufu(w1, w2, BIAS: tl.constexpr = 0.0):
     (tests/test_triton_kernels.py), a fraction of a float16 (2^-11 relative) or bfloat16 (2^-8)
     rounding step.
 
-    - u1 exactly as ``_uniform``; theta from |float(int32 w2)| instead of the fold (|x| - 1 for x < 0):
-      at most 2 pi 2^-31 larger, and the absolute value is an operand modifier.
+    - u1 exactly as ``_uniform``, its floor 1e-7 applied to -y instead (below); theta from
+      |float(int32 w2)| instead of the fold (|x| - 1 for x < 0): at most 2 pi 2^-31 larger, and the
+      absolute value is an operand modifier.
     - y = lg2 u1 (< 0).  For u1 <= 1 - 2^-6, MUFU.LG2: its error (2^-22 absolute on [1/2, 2], else
       2 ulp: CUDA's __log2f) is under 2^-16.5 of |y| >= 2^-5.46.  Above, where that absolute error would
       grow relative to y -> 0, the series f (1 - f / 2 + f^2 / 3) / ln 2 of lg2(1 + f), f = u1 - 1
       (truncation f^3 / 4 <= 2^-20 relative).
     - r^2 = -2 ln u1 = 2 ln 2 (-y), so log2 r = (log2(2 ln 2) + lg2(-y)) / 2 (+ BIAS, a power of two
       the caller wants in the amplitude): a second MUFU.LG2, whose error (2 ulp of |lg2(-y)| <= 24,
-      2^-18) is an error of 2^-19 ln 2 relative in r.  MUFU.LG2 takes no negated operand: -y is one LOP3.
+      2^-18) is an error of 2^-19 ln 2 relative in r.  MUFU.LG2 takes no negated operand, FMNMX does:
+      min(-y, -lg2(1e-7)) is u1's floor (lg2 is increasing; u1 = 0 gives -y = inf) and the negation in
+      one instruction.
     - cos and sin: MUFU.COS / MUFU.SIN, absolute error 2^-20.5 on [-100 pi, 100 pi] (PTX ISA).
     """
     x1 = w1.to(tl.int32, bitcast=True)
-    u1 = tl.maximum(1.0e-7, (x1 ^ (x1 >> 31)).to(tl.float32) * 4.6566127342e-10)
+    u1 = (x1 ^ (x1 >> 31)).to(tl.float32) * 4.6566127342e-10  # floored below, as -y
     f = u1 - 1.0
     q = tl.fma(f, 0.48089834696298783, -0.7213475204444817)  # 1 / (3 ln 2), -1 / (2 ln 2)
     q = tl.fma(f, q, 1.4426950408889634)  # 1 / ln 2
     y = tl.where(f > -0.015625, f * q, _lg2_mufu(u1))
-    log2_r = tl.fma(_lg2_mufu(-y), 0.5, 0.23561681352755118 + BIAS)  # log2(2 ln 2) / 2
+    t = tl.minimum(-y, 23.253496647352062)  # -lg2(float32(1e-7)): u1 >= 1e-7
+    log2_r = tl.fma(_lg2_mufu(t), 0.5, 0.23561681352755118 + BIAS)  # log2(2 ln 2) / 2
     theta = tl.abs(w2.to(tl.int32, bitcast=True).to(tl.float32)) * 2.925836017908523e-09  # f32(2 pi) c
     return log2_r, _cos_mufu(theta), _sin_mufu(theta)
 
 
 @triton.jit
 def _randn4(seed, counter, PTX: tl.constexpr):
-    """``tl.randn4x(seed, counter)``: the same Philox4x32-10 words and uniforms bit for bit, Box-Muller on
-    (u1, u2) -> (n1, n2) and on (u3, u4) -> (n3, n4)."""
+    """``fastvae.reference.randn4(seed, counter)``: the Philox4x32-10 words and uniforms bit for bit,
+    Box-Muller on (u1, u2) -> (n1, n2) and on (u3, u4) -> (n3, n4) (``tl.randn4x``'s transform)."""
     w1, w2, w3, w4 = _philox4x32_10(seed, counter, PTX)
     n1, n2 = _box_muller(w1, w2)
     n3, n4 = _box_muller(w3, w4)
@@ -250,26 +264,27 @@ def _randn4_mufu(seed, counter, BIAS: tl.constexpr):
     return a1, c1, s1, a2, c2, s2
 
 
-@triton.jit(do_not_specialize=["key", "offset"])
+@triton.jit(do_not_specialize=["key", "quad_offset"])
 def reparameterize_kernel(
     a_ptr,  # forward: mu; backward: dz (the incoming gradient)
     logvar_ptr,
     out_ptr,  # forward: z; backward: dlogvar
     key,  # KEY_IS_PTR: pointer to the int64 key; else the key itself
-    offset,
+    quad_offset,  # offset >> 2
     n_elements,
     BACKWARD: tl.constexpr,
     KEY_IS_PTR: tl.constexpr,
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 inputs
     SHIFT: tl.constexpr,  # offset & 3
     EVEN: tl.constexpr,  # SHIFT == 0 and n_elements a multiple of BLOCK
+    I32: tl.constexpr,  # offset + n_elements + BLOCK < 2^31
     PTX: tl.constexpr,  # compiled for a GPU (not the interpreter): Philox's products in PTX
     MUFU: tl.constexpr,  # PTX and 16-bit operands: eps from _box_muller_mufu
     BLOCK: tl.constexpr,
 ):
     """forward: out = a + exp(lv / 2) eps;  backward: out = d z/d lv * dz = 0.5 a exp(lv / 2) eps.
 
-    eps[i] = randn4x(key, n >> 2)[n & 3] for n = offset + i.  The program covers the BLOCK counters
+    eps[i] = randn4(key, n >> 2)[n & 3] for n = offset + i.  The program covers the BLOCK counters
     4 (offset >> 2) + v, v = pid BLOCK + [0, BLOCK), i.e. the elements i = v - SHIFT: one Philox call
     and two Box-Mullers for each of its BLOCK / 4 quads, interleaved into BLOCK normals.
 
@@ -277,8 +292,14 @@ def reparameterize_kernel(
     (compiled for a GPU: Philox's products as ``mul.wide.u32``), MUFU (PTX with 16-bit operands: the
     log-domain draw, bfloat16 widened by ``_widen_mufu``)."""
     QUADS: tl.constexpr = BLOCK // 4
-    pid = tl.program_id(0).to(tl.int64)
-    # int64 indices: the counter of the RNG and the address, correct past 2**31 elements.
+    if I32:
+        # offset + n_elements + BLOCK < 2^31: int32 indices (one IMAD.WIDE an address) and counters
+        # under 2^32 (Philox's high counter word is 0).
+        pid = tl.program_id(0)
+    else:
+        # int64 indices: the counter of the RNG and the address, correct past 2**31 elements.
+        pid = tl.program_id(0).to(tl.int64)
+    first = pid * QUADS + quad_offset  # the counter of the program's first quad: (pid BLOCK + offset) >> 2
     idx = pid * BLOCK + tl.arange(0, BLOCK) - SHIFT
     if EVEN:  # every program's tile is whole: no masks (no predicates, no zero fill of masked lanes)
         mask = None
@@ -296,9 +317,6 @@ def reparameterize_kernel(
     else:
         a = tl.load(a_ptr + idx, mask=mask, other=0.0)
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0)
-    # Counter of the program's first quad: (pid BLOCK + offset) >> 2 = pid QUADS + (offset >> 2), shifted
-    # as an int64 (offset alone may be typed uint32 by the JIT).
-    first = (pid * BLOCK + offset) >> 2
     if MUFU:
         # 16-bit operands on the GPU.  A thread's 128-bit access holds 8 elements (two quads): draw the
         # even and the odd quads as two tiles, so its two consecutive quads are its own.  Word w = 4 h +
@@ -364,27 +382,26 @@ def _launch(a: Tensor, logvar: Tensor, key: Key, offset: int, backward: bool) ->
         return out
     key_is_ptr = isinstance(key, Tensor)
     shift = offset & 3
-    cfg = (n, a.dtype, backward, key_is_ptr, shift)
+    i32 = offset + n + 1024 < 2**31  # the program's counters and indices (BLOCK <= 1024) fit int32
+    cfg = (n, a.dtype, backward, key_is_ptr, shift, i32)
     launch = _LAUNCH.get(cfg)
     if launch is None:
+        block, warps = launch_config(n, a.dtype, i32)
         fp64 = a.dtype == torch.float64
-        # float64 (gradcheck): half the elements a thread, so nothing spills.
-        block = BLOCK // 2 if fp64 else BLOCK
         kw = dict(
             BACKWARD=backward,
             KEY_IS_PTR=key_is_ptr,
             SHIFT=shift,
             EVEN=shift == 0 and n % block == 0,
+            I32=i32,
             PTX=_COMPILED,
             MUFU=a.element_size() == 2 and _COMPILED,
             BLOCK=block,
-            num_warps=NUM_WARPS,
+            num_warps=warps,
         )
         kw["COMPUTE"] = tl.float64 if fp64 else tl.float32
-        if not fp64 and shift == 0:
-            kw["maxnreg"] = MAXNREG
         launch = _LAUNCH[cfg] = Launcher(reparameterize_kernel, ((n + shift + block - 1) // block,), kw)
-    launch(a, logvar, out, key, offset, n)
+    launch(a, logvar, out, key, offset >> 2, n)
     return out
 
 

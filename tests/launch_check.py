@@ -38,6 +38,7 @@ def main() -> int:
         COMPUTE=tl.float32,
         SHIFT=0,
         EVEN=True,
+        I32=True,
         PTX=True,
         MUFU=False,
         BLOCK=1024,

@@ -115,16 +115,21 @@ def test_reference_eps_is_randn_at_offset_plus_index():
 
 
 def test_reference_eps_known_answers():
-    """eps of key 1234 at counters 0..7, pinned: normal n & 3 of tl.randn4x(1234, n >> 2), so counters
-    0-3 are (r cos, r sin) of Philox words (0, 1) and (2, 3) of Philox counter 0.  A silent change of
-    the mapping fails here."""
+    """eps of seed 1234 at counters 0..7, pinned: normal n & 3 of Philox4x32-10 with the key 0 at the
+    counter (n >> 2, 0, 1234, 0), so counters 0-3 are (r cos, r sin) of Philox words (0, 1) and (2, 3)
+    of quad 0.  A silent change of the mapping fails here.  At seed 0 and quad 0 the words are
+    Random123's known answer for the zero key and counter."""
     want = [
-        -0.4422275157028753, 1.5943666333016098, -0.9415092577984578, 0.6151633342920548,
-        0.11843180446947317, 0.7343250054423865, 1.3296400000376205, 2.098719563347594,
+        -0.334124377538322, 0.5384289297465571, 0.8551954343419081, -0.3157132064012912,
+        0.25087680887013697, 0.4230383184599284, 0.1264460319786655, -0.12181253470008174,
     ]  # fmt: skip
     np.testing.assert_allclose(ref.eps(1234, (8,), 0), want, rtol=1e-13, atol=0)
     quad = np.stack(ref.randn4(1234, [0, 1]), axis=1).ravel()  # [counter, lane]
     np.testing.assert_array_equal(quad, ref.eps(1234, (8,), 0))
+    words = np.array([0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8], dtype=np.uint32)
+    signed = words.view(np.int32)
+    kat = np.where(signed < 0, ~signed, signed).astype(np.float32) * np.float32(4.6566127342e-10)
+    np.testing.assert_array_equal(np.concatenate(ref.uniform4(0, [0])), kat)
 
 
 @pytest.mark.parametrize("offset", [0, 1, 2, 3, 5, 2**32 - 3, 2**62 + 1])

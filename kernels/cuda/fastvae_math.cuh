@@ -7,9 +7,10 @@
 // converted with single PTX instructions on the device, or bit-exact software on the host.
 //
 // Contents
-//   * Philox4x32-10 and Box-Muller exactly as Triton's tl.randn4x(seed, counter): element counter n
-//     is normal n & 3 of Philox counter n >> 2; the uniforms match reference.uniform_pair bit for
-//     bit; the normals use precise logf/sqrtf and a short-range sine / cosine (no fast math).
+//   * Philox4x32-10 and Box-Muller as fastvae.reference.randn: element counter n is normal n & 3 of
+//     Philox (key 0) at counter (n >> 2, seed), with tl.randn4x's uniforms and Box-Muller; the uniforms
+//     match reference.uniform_pair bit for bit; the normals use precise logf/sqrtf and a short-range
+//     sine / cosine (no fast math).
 //   * BCE-with-logits, MSE and the Gaussian KL per element, with their gradients, written so that
 //     fp32 keeps a few-ulp relative accuracy even where the textbook formula cancels.
 //   * dtype conversions (fp32 / fp16 / bf16 / uint8 pixels -> fp32 and back, round to nearest even).
@@ -150,19 +151,19 @@ FV_HD fv_bf16 fv_from_float<fv_bf16>(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Random numbers: Triton's tl.randn4x(seed, n >> 2)[n & 3] for element counter n
+// Random numbers: reference.randn4(seed, n >> 2)[n & 3] for element counter n
 // ---------------------------------------------------------------------------------------------
 
 struct fv_u32x4 {
     fv_u32 x, y, z, w;
 };
 
-// Philox4x32-10 (Salmon et al. 2011) with key (seed & 0xffffffff, seed >> 32).  Each round:
+// Philox4x32-10 (Salmon et al. 2011) with key (key & 0xffffffff, key >> 32).  Each round:
 //   c0' = hi(B*c2) ^ c1 ^ k0,  c1' = lo(B*c2),  c2' = hi(A*c0) ^ c3 ^ k1,  c3' = lo(A*c0),
 // then the key is bumped by the Weyl constants.  One 32x32->64 multiply gives hi and lo together.
-FV_HD fv_u32x4 fv_philox4x32_10(fv_u64 seed, fv_u32 c0, fv_u32 c1, fv_u32 c2, fv_u32 c3) {
-    fv_u32 k0 = (fv_u32)seed;
-    fv_u32 k1 = (fv_u32)(seed >> 32);
+FV_HD fv_u32x4 fv_philox4x32_10(fv_u64 key, fv_u32 c0, fv_u32 c1, fv_u32 c2, fv_u32 c3) {
+    fv_u32 k0 = (fv_u32)key;
+    fv_u32 k1 = (fv_u32)(key >> 32);
     FV_UNROLL
     for (int round = 0; round < 10; ++round) {
         const fv_u64 prod_b = (fv_u64)0xCD9E8D57u * c2;
@@ -193,11 +194,12 @@ FV_HD float fv_uint_to_uniform(fv_u32 x) {
     return (float)s * 4.6566127342e-10f;
 }
 
-// The Philox words for a 64-bit counter c: Philox4x32-10 of (c lo, c hi, 0, 0) under the key `seed`.
-// A reparameterize call draws element i from Philox counter (offset + i) >> 2 (fastvae.backend's RNG
+// The Philox words for a 64-bit counter c: Philox4x32-10 with the key 0 of (c lo, c hi, seed lo,
+// seed hi): the seed selects the stream, and the key schedule is a constant (reference.uniform4).  A
+// reparameterize call draws element i from Philox counter (offset + i) >> 2 (fastvae.backend's RNG
 // contract): four elements share one call.
 FV_HD fv_u32x4 fv_philox_for_counter(fv_u64 seed, fv_u64 counter) {
-    return fv_philox4x32_10(seed, (fv_u32)counter, (fv_u32)(counter >> 32), 0u, 0u);
+    return fv_philox4x32_10(0ull, (fv_u32)counter, (fv_u32)(counter >> 32), (fv_u32)seed, (fv_u32)(seed >> 32));
 }
 
 // (cos a, sin a) for |a| <= ~100 (Box-Muller only needs [0, 2 pi)), each accurate to ~1 ulp:
@@ -246,7 +248,7 @@ struct fv_f32x4 {
     float x, y, z, w;
 };
 
-// tl.randn4x(seed, quad): Box-Muller on the uniforms of Philox words (x, y) and (z, w) of the counter
+// reference.randn4(seed, quad): Box-Muller on the uniforms of Philox words (x, y) and (z, w) of the counter
 // `quad`, i.e. the normals of element counters 4 quad + 0..3 (fastvae.reference.randn4).
 FV_HD fv_f32x4 fv_randn4(fv_u64 seed, fv_u64 quad) {
     const fv_u32x4 r = fv_philox_for_counter(seed, quad);
@@ -265,7 +267,7 @@ FV_HD void fv_uniform_pair(fv_u64 seed, fv_u64 counter, float* ua, float* ub) {
     *ub = fv_uint_to_uniform(second ? r.w : r.y);
 }
 
-// One standard normal at a 64-bit element counter n: normal n & 3 of tl.randn4x(seed, n >> 2)
+// One standard normal at a 64-bit element counter n: normal n & 3 of reference.randn4(seed, n >> 2)
 // (fastvae.reference.randn): r cos for even n, r sin for odd n.  A whole Philox call for one normal:
 // for unaligned counters; aligned runs of 4 use fv_randn4.
 FV_HD float fv_randn(fv_u64 seed, fv_u64 counter) {

@@ -3,9 +3,10 @@
 // Tensors are logical [rows, cols] with contiguous features and a row stride in elements (so a
 // sliced mu / logvar needs no copy); the host collapses fully contiguous inputs to one row of
 // rows * cols elements.  eps for element (r, c) is randn(key, n) at the element counter
-// n = offset + r * cols + c: normal n & 3 of Triton's tl.randn4x(key, n >> 2), i.e. Philox4x32-10 keyed
-// by the 64-bit key at the 64-bit counter n >> 2 (its high word carried past 2^32), Box-Muller on
-// words (0, 1) -> r cos, r sin and on (2, 3) -> r cos, r sin.  The backward replays the forward's
+// n = offset + r * cols + c: normal n & 3 of reference.randn4(key, n >> 2), i.e. Philox4x32-10 with the
+// key 0 at the counter (n >> 2, key): the 64-bit element quad n >> 2 (its high word carried past 2^32)
+// in words 0, 1 and the 64-bit key, which selects the stream, in words 2, 3; Box-Muller (tl.randn4x's)
+// on words (0, 1) -> r cos, r sin and on (2, 3) -> r cos, r sin.  The backward replays the forward's
 // noise from (key, offset) alone and nothing is saved between them.
 //
 // The key is either the scalar `key` (an explicit seed) or, when `key_ptr` is not null, the int64
