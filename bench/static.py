@@ -344,19 +344,21 @@ def reparameterize_variants(cc: int = 90) -> list[dict]:
     from fastvae.kernels import reparameterize as rp
 
     out = []
-    big = rp.FOUR_WARPS_FROM  # a multiple of 1024: 4-warp programs from here on
-    # whole tiles at offset 0 (EVEN); a tail at phase 1; a tail past 2^32 at phase 3 (int64 indices);
-    # each in 1-warp programs and in 4-warp ones
-    calls = [("tensor", 4096, 0), ("int", 4099, 1), ("tensor", 4100, 2**32 + 3)]
-    calls += [(k, big + n - 4096, offset) for k, n, offset in calls]
+    # whole tiles at offset 0 (EVEN); a tail at phase 1; a tail past 2^32 at phase 3 (int64 counters);
+    # each in 1-warp programs, in 4-warp ones (from FOUR_WARPS_FROM, a multiple of 1024) and past 2^31
+    # elements (int64 indices; meta tensors: nothing is allocated)
+    small = [("tensor", 4096, 0), ("int", 4099, 1), ("tensor", 4100, 2**32 + 3)]
+    bases = (4096, rp.FOUR_WARPS_FROM, 2**31)
+    calls = [(k, base + n - 4096, offset) for base in bases for k, n, offset in small]
     for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for direction, fn in (("fwd", rp.reparameterize), ("bwd", rp.reparameterize_backward)):
             for key_kind, n, offset in calls:
                 key = torch.zeros(1, dtype=torch.int64) if key_kind == "tensor" else 7
                 launches: list[Launch] = []
                 rp._LAUNCH.clear()
+                a, lv = (torch.empty(n, dtype=dt, device="meta" if n >= 2**31 else "cpu") for _ in "ab")
                 with recording(launches):
-                    fn(torch.empty(n, dtype=dt), torch.empty(n, dtype=dt), key, offset)
+                    fn(a, lv, key, offset)
                 dtype = str(dt).removeprefix("torch.")
                 name = f"reparameterize {direction} {dtype} key={key_kind} n={n} offset={offset}"
                 out.append(_compile_report(name, launches[0], cc))

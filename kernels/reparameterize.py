@@ -40,17 +40,15 @@ __all__ = ["reparameterize", "reparameterize_backward", "launch_config"]
 # rule everywhere, and the draw does not depend on it).  Smaller calls use 1-warp programs, 4x as many:
 # an SM holds at most 32 (the block limit), so 2^22 elements still run 3.9 waves (4-warp programs at the
 # 31-34 registers of the 16-bit kernel would hold 16 an SM and run 1.94), and a training batch's latents
-# spread over 4x the SMs.  Calls whose counters pass 2^31 (int64 indices) keep 4-warp programs: at an
-# offset off the 16-byte grid the 1-warp 16-bit program needs 70 registers there, the 4-warp one 64.
-# No register cap: every specialization compiles to at most 64 registers (tests/test_aot_sm90.py).
+# spread over 4x the SMs.  No register cap: every specialization compiles to at most 64 registers
+# (tests/test_aot_sm90.py).
 ELEMENTS_PER_THREAD = 8
 FOUR_WARPS_FROM = 2 * 132 * 16 * (4 * 32 * ELEMENTS_PER_THREAD)
 
 
-def launch_config(n: int, dtype: torch.dtype, i32: bool = True) -> tuple[int, int]:
-    """(BLOCK, num_warps) of a call over ``n`` elements of ``dtype``, a fixed rule of the shape and
-    dtype; ``i32``: every counter and index of the call fits int32 (``offset + n + 1024 < 2^31``)."""
-    warps = 4 if n >= FOUR_WARPS_FROM or not i32 else 1
+def launch_config(n: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK, num_warps) of a call over ``n`` elements of ``dtype``: a fixed rule of the shape and dtype."""
+    warps = 4 if n >= FOUR_WARPS_FROM else 1
     per_thread = ELEMENTS_PER_THREAD // 2 if dtype == torch.float64 else ELEMENTS_PER_THREAD
     return 32 * warps * per_thread, warps
 
@@ -277,7 +275,8 @@ def reparameterize_kernel(
     COMPUTE: tl.constexpr,  # float32, or float64 for float64 inputs
     SHIFT: tl.constexpr,  # offset & 3
     EVEN: tl.constexpr,  # SHIFT == 0 and n_elements a multiple of BLOCK
-    I32: tl.constexpr,  # offset + n_elements + BLOCK < 2^31
+    I32: tl.constexpr,  # offset + n_elements + BLOCK < 2^31: int32 counters and indices
+    IDX64: tl.constexpr,  # n_elements + BLOCK >= 2^31: int64 indices
     PTX: tl.constexpr,  # compiled for a GPU (not the interpreter): Philox's products in PTX
     MUFU: tl.constexpr,  # PTX and 16-bit operands: eps from _box_muller_mufu
     BLOCK: tl.constexpr,
@@ -292,14 +291,15 @@ def reparameterize_kernel(
     (compiled for a GPU: Philox's products as ``mul.wide.u32``), MUFU (PTX with 16-bit operands: the
     log-domain draw, bfloat16 widened by ``_widen_mufu``)."""
     QUADS: tl.constexpr = BLOCK // 4
+    # The counter of the program's first quad, (pid BLOCK + offset) >> 2, and the indices: int32 (one
+    # IMAD.WIDE an address, Philox's high counter word 0) while they fit, else int64.
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
     if I32:
-        # offset + n_elements + BLOCK < 2^31: int32 indices (one IMAD.WIDE an address) and counters
-        # under 2^32 (Philox's high counter word is 0).
-        pid = tl.program_id(0)
+        first = pid * QUADS + quad_offset
     else:
-        # int64 indices: the counter of the RNG and the address, correct past 2**31 elements.
-        pid = tl.program_id(0).to(tl.int64)
-    first = pid * QUADS + quad_offset  # the counter of the program's first quad: (pid BLOCK + offset) >> 2
+        first = pid.to(tl.int64) * QUADS + quad_offset
     idx = pid * BLOCK + tl.arange(0, BLOCK) - SHIFT
     if EVEN:  # every program's tile is whole: no masks (no predicates, no zero fill of masked lanes)
         mask = None
@@ -382,11 +382,11 @@ def _launch(a: Tensor, logvar: Tensor, key: Key, offset: int, backward: bool) ->
         return out
     key_is_ptr = isinstance(key, Tensor)
     shift = offset & 3
-    i32 = offset + n + 1024 < 2**31  # the program's counters and indices (BLOCK <= 1024) fit int32
+    i32 = offset + n + 1024 < 2**31  # every counter and index (BLOCK <= 1024) fits int32
     cfg = (n, a.dtype, backward, key_is_ptr, shift, i32)
     launch = _LAUNCH.get(cfg)
     if launch is None:
-        block, warps = launch_config(n, a.dtype, i32)
+        block, warps = launch_config(n, a.dtype)
         fp64 = a.dtype == torch.float64
         kw = dict(
             BACKWARD=backward,
@@ -394,6 +394,7 @@ def _launch(a: Tensor, logvar: Tensor, key: Key, offset: int, backward: bool) ->
             SHIFT=shift,
             EVEN=shift == 0 and n % block == 0,
             I32=i32,
+            IDX64=n + 1024 >= 2**31,
             PTX=_COMPILED,
             MUFU=a.element_size() == 2 and _COMPILED,
             BLOCK=block,

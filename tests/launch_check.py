@@ -39,6 +39,7 @@ def main() -> int:
         SHIFT=0,
         EVEN=True,
         I32=True,
+        IDX64=False,
         PTX=True,
         MUFU=False,
         BLOCK=1024,

@@ -137,18 +137,20 @@ def variants(tmp_path_factory) -> list[dict]:
 
 def test_every_reparameterize_specialization_compiles(variants):
     """Each dtype and direction, the key as a tensor or an int, whole tiles and tails at offset phases
-    0, 1 and 3 (int64 indices), in 1-warp and 4-warp programs: compiled for sm_90 with no stack, local
-    memory or spill and at most 64 registers (50% occupancy); the 16-bit ones draw with MUFU (EX2 an
-    element, two LG2, COS and SIN a pair: 24 for a thread's 8), the others do not."""
+    0, 1 and 3 (int64 counters), in 1-warp and 4-warp programs and past 2^31 elements (int64 indices):
+    compiled for sm_90 with no stack, local memory or spill and at most 64 registers (50% occupancy);
+    the 16-bit ones draw with MUFU (EX2 an element, two LG2, COS and SIN a pair: 24 for a thread's 8),
+    the others do not."""
     rep = [v for v in variants if v["kernel"] == "reparameterize_kernel"]
-    assert len(rep) == 48
+    assert len(rep) == 72
     for v in rep:
         c = v["constexprs"]
         half = " float16 " in v["name"] or " bfloat16 " in v["name"]
+        n, offset = (int(v["name"].split(f" {k}=")[1].split()[0]) for k in ("n", "offset"))
         assert (v["stack_bytes"], v["local_bytes"], v["spill_instructions"]) == (0, 0, 0), v
         assert c["PTX"] == "True" and c["MUFU"] == str(half), v
-        assert c["EVEN"] == str(v["name"].endswith(" offset=0")), v
-        assert c["I32"] == str(not v["name"].endswith(f" offset={2**32 + 3}")), v
+        assert c["EVEN"] == str(offset == 0), v
+        assert c["I32"] == str(offset + n + 1024 < 2**31) and c["IDX64"] == str(n >= 2**31), v
         assert (v["mufu"] == 24) if half else (v["mufu"] <= 12), v
         assert v["registers"] <= 64, v
     assert {v["constexprs"]["BLOCK"] for v in rep} == {"128", "256", "512", "1024"}

@@ -612,26 +612,13 @@ def programs(request, monkeypatch):
 
 def test_reparameterize_launch_rule():
     """8 elements a thread (4 of float64); every call of at least 2^22 elements runs at least 2 waves on
-    132 SMs even at the most programs an SM can hold (64 warps, at most 32 programs); calls with int64
-    indices run 4-warp programs."""
-    sizes = (
-        1,
-        255,
-        256,
-        4096,
-        2**22 - 1,
-        2**22,
-        rp.FOUR_WARPS_FROM - 1,
-        rp.FOUR_WARPS_FROM,
-        2**24,
-        2**31 + 5,
-    )
-    for n, dtype, i32 in itertools.product(
-        sizes, (torch.float32, torch.bfloat16, torch.float64), (True, False)
-    ):
-        block, warps = rp.launch_config(n, dtype, i32)
+    132 SMs even at the most programs an SM can hold (64 warps, at most 32 programs)."""
+    four = rp.FOUR_WARPS_FROM
+    sizes = (1, 255, 256, 4096, 2**22 - 1, 2**22, four - 1, four, 2**24, 2**31 + 5)
+    for n, dtype in itertools.product(sizes, (torch.float32, torch.bfloat16, torch.float64)):
+        block, warps = rp.launch_config(n, dtype)
         assert block == 32 * warps * (4 if dtype == torch.float64 else 8)
-        assert warps == (4 if n >= rp.FOUR_WARPS_FROM or not i32 else 1)
+        assert warps == (4 if n >= rp.FOUR_WARPS_FROM else 1)
         if n >= 2**22:
             assert -(-n // block) >= 2 * 132 * min(32, 64 // warps), (n, dtype)
 
