@@ -741,8 +741,10 @@ def test_box_muller_log_and_sincos_within_ulps():
 
 
 def _lg2_worst(x, y):
-    """lg2.approx's documented worst case (CUDA's __log2f): 2^-22 absolute on [1/2, 2], else 2 ulp."""
-    return np.where((x >= 0.5) & (x <= 2.0), 2.0**-22, 2.0 * np.spacing(np.abs(y).astype(np.float32)))
+    """lg2.approx's documented worst case (CUDA's __log2f): 2^-22 absolute on [1/2, 2], else 2 ulp; lg2(0)
+    is -inf exactly (PTX ISA)."""
+    ulps = 2.0 * np.spacing(np.abs(np.where(np.isfinite(y), y, 0.0)).astype(np.float32))
+    return np.where((x >= 0.5) & (x <= 2.0), 2.0**-22, np.where(np.isfinite(y), ulps, 0.0))
 
 
 # The documented worst-case absolute errors of the MUFU lines (PTX ISA; CUDA's __log2f).
