@@ -617,8 +617,10 @@ def loss_config(
     up to tile / threads elements a thread but stores at most 128 bits, and with 8 a thread the gradient
     went through shared memory, 2 BAR.SYNC an iteration) and for float64.
 
-    When there are fewer row blocks than ``target`` programs and rows span at least 2 tiles, each row is cut
-    into n_split chunks of whole tiles, the last one ending the row: [8, 3 * 256 * 256] runs 8 * 192
+    ``per_thread``, ``tile`` and ``target`` override the elements a thread, the tile width and the program
+    target (``scale_config``).  When there are fewer row blocks than ``target`` programs and rows span at
+    least 2 tiles, each row is cut into n_split chunks of whole tiles, the last one ending the row:
+    [8, 3 * 256 * 256] runs 8 * 192
     programs, [512, 12288] 512 * 12, [5350, 784] 1338 * 3 (chunks of 256, 256 and 272).  Every shape of
     at least 2^22 elements then runs at least 2 waves at the kernels' occupancy (tests/test_aot_sm90.py).
     """
