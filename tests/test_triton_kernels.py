@@ -857,7 +857,7 @@ def test_reparameterize_mufu_path_within_one_step(poison, mufu, programs, dtype,
     assert any(key[1] == dtype for key in rp._LAUNCH)  # through the MUFU launch configuration
 
 
-@pytest.mark.parametrize("shape", [(1,), (5,), (1029,), (4099,)])
+@pytest.mark.parametrize("shape", [(1,), (5,), (1029,)])  # 1029: 5 one-warp programs, 2 four-warp ones
 def test_reparameterize_ptx_philox_is_the_same_draw(poison, mufu, programs, shape):
     """float32 on the GPU's path (Philox's products as ``mul.wide.u32``) gives the interpreter's bits,
     forward and backward, at offsets of every phase mod 4 and past 2^32."""
@@ -893,7 +893,7 @@ def test_reparameterize_eps_at_every_offset_phase(poison, programs, dtype):
     # more (the interpreter's float32 -> bf16 conversion truncates: up to one bf16 ulp)
     tol = 2**-7 if dtype == torch.bfloat16 else 2e-6
     for offset in (0, 1, 2, 3, 5, 2**32 - 3, 2**62 + 1):
-        for n in (1, 3, 4, 5, 127, 1029) if dtype != torch.float32 else (1, 3, 4, 5, 127, 4099):
+        for n in (1, 3, 4, 5, 127, 1029):  # 1029: across blocks of 256 and of 1024
             zero = torch.zeros(n, dtype=dtype)
             eps = reference.eps(11, (n,), offset)
             z = rp.reparameterize(zero, zero, 11, offset)
