@@ -356,7 +356,8 @@ def reparameterize_variants(cc: int = 90) -> list[dict]:
                 key = torch.zeros(1, dtype=torch.int64) if key_kind == "tensor" else 7
                 launches: list[Launch] = []
                 rp._LAUNCH.clear()
-                a, lv = (torch.empty(n, dtype=dt, device="meta" if n >= 2**31 else "cpu") for _ in "ab")
+                device = "meta" if n >= 2**31 else "cpu"
+                a, lv = torch.empty(n, dtype=dt, device=device), torch.empty(n, dtype=dt, device=device)
                 with recording(launches):
                     fn(a, lv, key, offset)
                 dtype = str(dt).removeprefix("torch.")

@@ -76,6 +76,13 @@ TWO_PI_F32 = np.float32(6.283185307179586)
 U1_FLOOR_F32 = np.float32(1.0e-7)
 
 
+def _u64(value: int, name: str) -> int:
+    value = int(value)
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name} must lie in [0, 2**64), got {value}")
+    return value
+
+
 def philox4x32(key: int, c0, c1, c2, c3, n_rounds: int = 10):
     """Philox4x32 with key ``(key & 0xffffffff, key >> 32)``; counters are uint32 arrays.
 
@@ -83,9 +90,7 @@ def philox4x32(key: int, c0, c1, c2, c3, n_rounds: int = 10):
     ``c1' = lo(B*c2)``, ``c3' = lo(A*c0)``; then the key is bumped by the Weyl constants.
     The products of two 32-bit words are exact in uint64.
     """
-    key = int(key)
-    if not 0 <= key < 2**64:
-        raise ValueError(f"key must lie in [0, 2**64), got {key}")
+    key = _u64(key, "key")
     k0 = np.uint64(key & 0xFFFFFFFF)
     k1 = np.uint64(key >> 32)
     c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & _MASK32 for c in (c0, c1, c2, c3))
@@ -120,9 +125,7 @@ def _counters(offsets, name: str) -> np.ndarray:
 def uniform4(seed: int, counters) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The four float32 uniforms of Philox4x32-10 with key 0 at ``(c_lo, c_hi, seed_lo, seed_hi)``, made
     as ``tl.rand4x`` makes them (``tl.rand4x(0, counters)`` at seed 0)."""
-    seed = int(seed)
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+    seed = _u64(seed, "seed")
     c = _counters(counters, "counters").astype(np.uint64)
     s = np.full_like(c, seed & 0xFFFFFFFF), np.full_like(c, seed >> 32)
     words = philox4x32(0, c & _MASK32, c >> _32, *s)

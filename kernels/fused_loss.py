@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastvae.kernels.launch import Launcher
+from fastvae.kernels.launch import SMS, Launcher
 from fastvae.kernels.reparameterize import _log_normal  # one copy of the branch-free logf
 from torch import Tensor
 
@@ -54,7 +54,7 @@ __all__ = ["fused_loss", "scale_grads_", "loss_config", "scale_config"]
 
 TILE = 1024  # elements a program holds per operand and iteration: 8 fp32 a thread at 4 warps (2 x LDG.128)
 MIN_BLOCK = 16  # narrowest main-loop tile; narrower rows run as one masked tail tile
-TARGET_PROGRAMS = 32 * 132  # split rows into chunks up to 2 waves of 16 resident programs on 132 SMs
+TARGET_PROGRAMS = 2 * 16 * SMS  # split rows into chunks up to 2 waves of 16 resident programs an SM
 FINISH_BLOCK = tl.constexpr(256)  # partials summed per step by the finishing program
 
 
@@ -659,7 +659,7 @@ def scale_config(B: int, F: int, D: int, element_size: int) -> tuple[int, ...]:
     1-warp tiles of 256, split to 2 waves of the 32 programs an SM holds (the block limit; 50%
     occupancy): [5350, 784] runs 16050 programs, 3.8 waves."""
     if element_size == 2:
-        return loss_config(B, F, D, 2, per_thread=8, tile=256, target=2 * 32 * 132)
+        return loss_config(B, F, D, 2, per_thread=8, tile=256, target=2 * 32 * SMS)
     return loss_config(B, F, D, element_size, per_thread=16 // element_size)
 
 

@@ -23,7 +23,11 @@ from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-__all__ = ["Launcher"]
+__all__ = ["Launcher", "SMS"]
+
+# The SM count the launch rules size their grids for (H100 and H200: 132), the same on every machine so
+# that a shape's configuration never depends on the device it runs on.
+SMS = 132
 
 _I32, _I64 = 2**31, 2**63
 

@@ -4,11 +4,10 @@
 ``n & 3`` of one Philox4x32-10 call (key 0, counter ``(c_lo, c_hi, key_lo, key_hi)`` for c = ``n >> 2``:
 the 64-bit ``key`` selects the stream) whose four words become uniforms as in ``tl.randn4x``;
 Box-Muller on words (1, 2) and (3, 4) gives (r cos, r sin) twice (with a short-range sine and cosine
-instead of libdevice's), so four elements share a call.  16-bit
-operands on a GPU take log, cosine and sine from MUFU and fold r into exp(logvar / 2)'s exponent
-(``_box_muller_mufu``, within a fraction of a 16-bit rounding step of the exact draw); the
-interpreter, which runs no PTX, always draws exactly.  The draw depends on neither the block size nor
-the grid, and the backward regenerates it instead of loading it.
+instead of libdevice's), so four elements share a call.  16-bit operands on a GPU take log, cosine and
+sine from MUFU and fold r into exp(logvar / 2)'s exponent (``_box_muller_mufu``, within a fraction of a
+16-bit rounding step of the exact draw); the interpreter, which runs no PTX, always draws exactly.  The
+draw depends on neither the block size nor the grid, and the backward regenerates it instead of loading it.
 ``key`` is a Python int (an explicit seed, passed by value) or a 1-element int64 tensor that the kernel
 loads: the host never reads it, so a replayed CUDA graph draws with whatever key the device holds at
 replay time.
@@ -26,7 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastvae.kernels.launch import Launcher
+from fastvae.kernels.launch import SMS, Launcher
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
@@ -43,7 +42,7 @@ __all__ = ["reparameterize", "reparameterize_backward", "launch_config"]
 # spread over 4x the SMs.  No register cap: every specialization compiles to at most 64 registers
 # (tests/test_aot_sm90.py).
 ELEMENTS_PER_THREAD = 8
-FOUR_WARPS_FROM = 2 * 132 * 16 * (4 * 32 * ELEMENTS_PER_THREAD)
+FOUR_WARPS_FROM = 2 * SMS * 16 * (4 * 32 * ELEMENTS_PER_THREAD)
 
 
 def launch_config(n: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -387,7 +386,6 @@ def _launch(a: Tensor, logvar: Tensor, key: Key, offset: int, backward: bool) ->
     launch = _LAUNCH.get(cfg)
     if launch is None:
         block, warps = launch_config(n, a.dtype)
-        fp64 = a.dtype == torch.float64
         kw = dict(
             BACKWARD=backward,
             KEY_IS_PTR=key_is_ptr,
@@ -397,10 +395,10 @@ def _launch(a: Tensor, logvar: Tensor, key: Key, offset: int, backward: bool) ->
             IDX64=n + 1024 >= 2**31,
             PTX=_COMPILED,
             MUFU=a.element_size() == 2 and _COMPILED,
+            COMPUTE=tl.float64 if a.dtype == torch.float64 else tl.float32,
             BLOCK=block,
             num_warps=warps,
         )
-        kw["COMPUTE"] = tl.float64 if fp64 else tl.float32
         launch = _LAUNCH[cfg] = Launcher(reparameterize_kernel, ((n + shift + block - 1) // block,), kw)
     launch(a, logvar, out, key, offset >> 2, n)
     return out
